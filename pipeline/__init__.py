@@ -1,0 +1,1 @@
+"""Postback attribution pipeline."""

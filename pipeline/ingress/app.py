@@ -1,0 +1,222 @@
+"""The ingress: validates clicks and postbacks and publishes them to Kafka.
+
+Answers only after Kafka acknowledged the event (acks=all). Every postback
+request, accepted or not, is published to the postbacks topic with its outcome
+(or, when Kafka refuses it, spooled locally and republished later), so the
+`postbacks` table explains every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+from aiokafka.errors import KafkaError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pipeline import codec, kafka, macros, requests
+from pipeline.config import Settings
+from pipeline.ingress.metrics import IngressMetrics
+from pipeline.ingress.spool import Spool
+from pipeline.requests import Rejected
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+PUBLISH_TIMEOUT = 10.0
+SETTINGS = web.AppKey("settings", Settings)
+PRODUCER = web.AppKey("producer", object)
+METRICS = web.AppKey("metrics", IngressMetrics)
+SPOOL = web.AppKey("spool", Spool)
+
+
+class Unavailable(Exception):
+    """Kafka did not acknowledge the event in time."""
+
+
+def error(rejection: Rejected) -> web.Response:
+    return web.json_response(rejection.body(), status=rejection.status)
+
+
+async def publish(app: web.Application, topic: str, key: bytes, value: bytes) -> None:
+    """Send and wait for the acks=all acknowledgement; raise Unavailable if none comes."""
+    settings = app[SETTINGS]
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(
+            app[PRODUCER].send_and_wait(settings.topic(topic), value, key=key), PUBLISH_TIMEOUT
+        )
+    except (KafkaError, TimeoutError) as e:
+        raise Unavailable(f"{type(e).__name__}: {e}") from e
+    app[METRICS].publish_seconds.labels(topic).observe(time.perf_counter() - started)
+
+
+def _client_ip(request: web.Request) -> str:
+    settings = request.app[SETTINGS]
+    return requests.client_ip(
+        request.remote or "", request.headers.get("X-Forwarded-For"), settings.trusted_proxies
+    )
+
+
+async def click(request: web.Request) -> web.Response:
+    settings, metrics = request.app[SETTINGS], request.app[METRICS]
+    try:
+        campaign, event = requests.click_record(
+            settings,
+            request.match_info["campaign_id"],
+            request.query,
+            _client_ip(request),
+            request.headers.get("User-Agent", ""),
+        )
+    except Rejected as rejection:
+        metrics.requests.labels("click", rejection.code).inc()
+        return error(rejection)
+    location = macros.fill(campaign.destination, {**event, "campaign_id": campaign.id})
+    try:
+        await publish(request.app, "clicks", event["click_id"].encode(), codec.CLICK.encode(event))
+    except Unavailable as e:
+        log.warning("click not published: %s", e)
+        metrics.requests.labels("click", "unavailable").inc()
+        return error(Rejected(503, "unavailable", "the event store is unavailable; retry"))
+    metrics.requests.labels("click", "redirect").inc()
+    headers = {"X-Click-Id": event["click_id"], "Cache-Control": "no-store"}
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.json_response(
+            {"click_id": event["click_id"], "location": location}, headers=headers
+        )
+    return web.Response(status=302, headers={**headers, "Location": location})
+
+
+async def _postback_params(request: web.Request) -> dict:
+    """Query parameters, overlaid by a form or JSON body on POST."""
+    params: dict = dict(request.query)
+    if request.method != "POST" or not request.can_read_body:
+        return params
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise Rejected(413, "too_large", f"body is over {MAX_BODY} bytes")
+    body = await request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise Rejected(413, "too_large", f"body is over {MAX_BODY} bytes")
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise Rejected(400, "invalid_param", "body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise Rejected(400, "invalid_param", "JSON body must be an object")
+        # numbers are accepted as their JSON text, so revenue keeps its exact decimal
+        params.update({k: _json_text(v) for k, v in data.items()})
+    else:
+        from urllib.parse import parse_qsl
+
+        params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    return params
+
+
+def _json_text(value: object) -> object:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    return value
+
+
+async def postback(request: web.Request) -> web.Response:
+    app = request.app
+    settings, metrics = app[SETTINGS], app[METRICS]
+    source_ip = _client_ip(request)
+    try:
+        params = await _postback_params(request)
+        raw = requests.redacted_raw(request.method, request.path, params)
+        record, rejection = requests.postback_record(settings, params, source_ip, raw)
+    except Rejected as early:
+        params = dict(request.query)
+        raw = requests.redacted_raw(request.method, request.path, params)
+        record, _ = requests.postback_record(settings, params, source_ip, raw)
+        record["outcome"], record["detail"], rejection = early.code, early.detail, early
+    key, value = record["click_id"].encode(), codec.POSTBACK.encode(record)
+    try:
+        await publish(app, "postbacks", key, value)
+    except Unavailable as e:
+        log.warning("postback %s not published (%s); spooled", record["postback_id"], e)
+        record["outcome"] = "unavailable"
+        record["detail"] = f"not accepted: Kafka unavailable ({record['detail'] or 'valid'})"
+        await asyncio.to_thread(app[SPOOL].append, key, codec.POSTBACK.encode(record))
+        metrics.spooled.inc()
+        rejection = Rejected(503, "unavailable", "the event store is unavailable; retry later")
+    if rejection is not None:
+        metrics.requests.labels("postback", rejection.code).inc()
+        return error(rejection)
+    metrics.requests.labels("postback", "accepted").inc()
+    return web.json_response({"status": "accepted", "postback_id": record["postback_id"]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    producer = request.app[PRODUCER]
+    try:
+        ok = await asyncio.wait_for(producer.client.force_metadata_update(), 3)
+    except (KafkaError, TimeoutError):
+        ok = False
+    if not ok:
+        return web.json_response(
+            {"error": "unavailable", "detail": "not connected to Kafka"}, status=503
+        )
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _spool_drainer(app: web.Application) -> None:
+    """Every few seconds, republish spooled records once Kafka takes them again."""
+    spool = app[SPOOL]
+
+    async def send(key: bytes, value: bytes) -> None:
+        await publish(app, "postbacks", key, value)
+
+    while True:
+        await asyncio.sleep(2)
+        if spool.pending():
+            try:
+                await spool.drain(send)
+            except Unavailable:
+                pass  # still down; the file is kept whole and tried again
+
+
+async def _kafka_ctx(app: web.Application):
+    settings = app[SETTINGS]
+    await kafka.ensure_topics(settings, ["clicks", "postbacks"])
+    producer = kafka.producer(settings)
+    await producer.start()
+    app[PRODUCER] = producer
+    drainer = asyncio.create_task(_spool_drainer(app))
+    yield
+    drainer.cancel()
+    await producer.stop()
+
+
+def build_app(settings: Settings) -> web.Application:
+    """The ingress application; Kafka is connected on startup, closed on cleanup."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app[SETTINGS] = settings
+    app[METRICS] = IngressMetrics()
+    port = settings.ingress_listen.rpartition(":")[2]
+    app[SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.spool")
+    app.cleanup_ctx.append(_kafka_ctx)
+    app.router.add_get("/click/{campaign_id}", click)
+    app.router.add_route("GET", "/postback", postback)
+    app.router.add_route("POST", "/postback", postback)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app

@@ -1,0 +1,55 @@
+"""A local append-only spool for postback log records Kafka would not take.
+
+When Kafka is down the advertiser gets `503 unavailable`, and the record of
+that request must still reach the `postbacks` table. It is appended here (one
+base64 Avro record a line, fsync'd) and republished when Kafka is back, then
+the file is truncated. Records carry their postback_id, so a replay after a
+crash between publish and truncate is deduplicated by the warehouse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Spool:
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = asyncio.Lock()
+
+    def append(self, key: bytes, value: bytes) -> None:
+        """Durably append one record (blocking, small: only on the failure path)."""
+        line = base64.b64encode(key) + b" " + base64.b64encode(value) + b"\n"
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def pending(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
+    async def drain(self, publish) -> int:
+        """Republish every spooled record with `await publish(key, value)`; then truncate."""
+        async with self._lock:
+            try:
+                lines = self.path.read_bytes().splitlines()
+            except FileNotFoundError:
+                return 0
+            for line in lines:
+                key, value = (base64.b64decode(part) for part in line.split(b" "))
+                await publish(key, value)
+            self.path.write_bytes(b"")
+            if lines:
+                log.info("republished %d spooled postback records", len(lines))
+            return len(lines)

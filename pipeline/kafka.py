@@ -1,0 +1,82 @@
+"""Kafka clients configured one way for every component.
+
+Short consumer session timeouts keep rebalances short on Tansu (its JoinGroup
+waits half the session timeout); `kafka.session_timeout` raises it for
+production brokers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def producer(settings: Settings, **overrides) -> AIOKafkaProducer:
+    """acks=all: a send resolves only once every in-sync replica has the record."""
+    options = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=1,
+        request_timeout_ms=5000,
+        max_batch_size=256 * 1024,
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def consumer(settings: Settings, group: str, topics: list[str], **overrides) -> AIOKafkaConsumer:
+    """A group consumer that commits only when told to (after its side effect)."""
+    session_ms = int(settings.kafka_session_timeout * 1000)
+    options = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_ms,
+        heartbeat_interval_ms=max(session_ms // 6, 100),
+        rebalance_timeout_ms=max(session_ms, 10000),
+        max_poll_records=5000,
+        fetch_max_wait_ms=100,
+    )
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def ensure_topics(settings: Settings, names: list[str], timeout: float = 30) -> None:
+    """Create the topics with `kafka.partitions` partitions if missing; check the count.
+
+    Co-partitioning of clicks and postbacks depends on equal partition counts,
+    so a mismatch stops start-up with a clear message.
+    """
+    topics = [settings.topic(n) for n in names]
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10000
+    )
+    await asyncio.wait_for(admin.start(), timeout)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, settings.kafka_partitions, 1) for t in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another component won the race
+        for desc in await admin.describe_topics(topics):
+            count = len(desc["partitions"])
+            if count != settings.kafka_partitions:
+                raise RuntimeError(
+                    f"topic {desc['topic']} has {count} partitions, kafka.partitions says "
+                    f"{settings.kafka_partitions}: clicks and postbacks must be co-partitioned"
+                )
+    finally:
+        await admin.close()

@@ -1,0 +1,54 @@
+"""URL templates with `{name}` macros, filled with percent-encoded values.
+
+Pure functions: used for campaign destinations (at click time) and publisher
+callback URLs. A template is checked once at start-up (`check_url_template`),
+so no URL ever leaves with a literal `{...}` in it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Mapping
+from urllib.parse import quote, urlsplit
+
+_FORMATTER = string.Formatter()
+
+
+def template_fields(template: str) -> list[str]:
+    """The macro names of a template, in order; raises ValueError on a malformed one."""
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as e:
+        raise ValueError(f"malformed template: {e}") from None
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if spec or conversion or not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ValueError(f"malformed macro {{{name}}}")
+        names.append(name)
+    return names
+
+
+def check_url_template(template: str, allowed: Iterable[str]) -> None:
+    """Raise ValueError unless `template` is an http(s) URL using only `allowed` macros."""
+    allowed = frozenset(allowed)
+    unknown = [n for n in template_fields(template) if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown macro {{{unknown[0]}}}; known: {', '.join(sorted(allowed))}")
+    probe = fill(template, {})
+    parts = urlsplit(probe)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{template!r} is not an http(s) URL with a host")
+
+
+def fill(template: str, values: Mapping[str, object]) -> str:
+    """Fill macros with percent-encoded values; a macro without a value becomes empty."""
+    out = []
+    for literal, name, _, _ in _FORMATTER.parse(template):
+        out.append(literal)
+        if name is not None:
+            value = values.get(name)
+            out.append("" if value is None else quote(str(value), safe=""))
+    return "".join(out)

@@ -1,0 +1,202 @@
+"""Validation of click and postback requests: plain functions of plain values.
+
+A rejection is an outcome with a code, an HTTP status and a sentence; the code
+becomes a row in `postbacks`, a metric label and the error body. Nothing here
+does I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from pipeline import clickid
+from pipeline.config import CURRENCY_RE, EVENT_RE, Campaign, Settings
+
+MAX_SUB_LEN = 256
+MAX_TXN_LEN = 128
+MAX_REVENUE = Decimal("999999999999")  # Decimal(18, 6) holds 12 integer digits
+REVENUE_EXP = Decimal("0.000001")
+REDACTED_PARAMS = frozenset({"token"})
+POSTBACK_PARAMS = ("token", "click_id", "event", "txn_id", "revenue", "currency")
+
+
+@dataclass(frozen=True)
+class Rejected(Exception):
+    """A request refused with `code` (the outcome), HTTP `status` and a human `detail`."""
+
+    status: int
+    code: str
+    detail: str
+
+    def body(self) -> dict:
+        return {"error": self.code, "detail": self.detail}
+
+
+def client_ip(remote: str, forwarded_for: str | None, trusted: Sequence) -> str:
+    """The client address: X-Forwarded-For is believed only hop by hop from trusted proxies."""
+    ip = remote or ""
+    if not forwarded_for or not _in(ip, trusted):
+        return ip
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        ip = hop
+        if not _in(hop, trusted):
+            break
+    return ip
+
+
+def _in(ip: str, networks: Sequence) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks if net.version == addr.version)
+
+
+def new_id(now_ms: int | None = None) -> str:
+    """32 hex characters, time-ordered: 12 of milliseconds, 20 random."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return f"{ms:012x}{os.urandom(10).hex()}"
+
+
+def click_record(
+    settings: Settings,
+    campaign_id: str,
+    params: Mapping[str, str],
+    ip: str,
+    user_agent: str,
+    now_ms: int | None = None,
+) -> tuple[Campaign, dict]:
+    """Validate a click request; return the campaign and the click event to publish."""
+    campaign = settings.campaigns.get(campaign_id)
+    if campaign is None:
+        raise Rejected(404, "unknown_campaign", f"no campaign {campaign_id!r}")
+    pub = params.get("pub")
+    if not pub:
+        raise Rejected(400, "missing_param", "pub is required")
+    if pub not in settings.publishers:
+        raise Rejected(404, "unknown_publisher", f"no publisher {pub!r}")
+    subs = {}
+    for i in range(1, 6):
+        value = params.get(f"sub{i}", "")
+        if len(value) > MAX_SUB_LEN:
+            raise Rejected(400, "invalid_param", f"sub{i} is longer than {MAX_SUB_LEN} characters")
+        subs[f"sub{i}"] = value
+    ts = int(time.time() * 1000) if now_ms is None else now_ms
+    click = {
+        "click_id": clickid.issue(settings.secrets, now_ms=ts),
+        "ts_ms": ts,
+        "campaign_id": campaign.id,
+        "pub": pub,
+        **subs,
+        "ip": ip,
+        "user_agent": user_agent[:1024],
+    }
+    return campaign, click
+
+
+def redacted_raw(method: str, path: str, params: Mapping[str, object]) -> str:
+    """The request as JSON for the log, with secrets replaced by ***."""
+    shown = {k: ("***" if k in REDACTED_PARAMS else v) for k, v in params.items()}
+    return json.dumps({"method": method, "path": path, "params": shown}, ensure_ascii=False)
+
+
+def postback_record(
+    settings: Settings,
+    params: Mapping[str, object],
+    source_ip: str,
+    raw: str,
+    now_ms: int | None = None,
+) -> tuple[dict, Rejected | None]:
+    """Validate a postback; always return the record to log, and the rejection if any.
+
+    Checks run in order: token present, token known, source IP allowed, required
+    parameters, click ID, then the optional parameters. The record's outcome is
+    `accepted` or the rejection code.
+    """
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    record = {
+        "postback_id": new_id(now),
+        "received_at_ms": now,
+        "click_id": _text(params.get("click_id"))[:256],
+        "click_ts_ms": None,
+        "advertiser": "",
+        "event": _text(params.get("event"))[:64],
+        "txn_id": None,
+        "revenue": None,
+        "currency": None,
+        "source_ip": source_ip,
+        "outcome": "accepted",
+        "detail": "",
+        "raw": raw,
+    }
+    try:
+        _check_postback(settings, params, source_ip, record, now)
+    except Rejected as rejection:
+        record["outcome"], record["detail"] = rejection.code, rejection.detail
+        return record, rejection
+    return record, None
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _check_postback(settings, params, source_ip, record, now) -> None:
+    for name, value in params.items():
+        if not isinstance(value, str):
+            raise Rejected(400, "invalid_param", f"{name} must be a string")
+    token = params.get("token")
+    if not token:
+        raise Rejected(400, "missing_param", "token is required")
+    advertiser = settings.advertisers_by_token.get(token)
+    if advertiser is None:
+        raise Rejected(401, "bad_token", "token matches no advertiser")
+    record["advertiser"] = advertiser.id
+    if not _in(source_ip, advertiser.allowed_ips):
+        raise Rejected(403, "ip_not_allowed", f"{source_ip} is not in the advertiser's allowed_ips")
+    for name in ("click_id", "event"):
+        if not params.get(name):
+            raise Rejected(400, "missing_param", f"{name} is required")
+    try:
+        record["click_ts_ms"] = clickid.verify(params["click_id"], settings.secrets, now_ms=now)
+    except clickid.InvalidClickId as e:
+        raise Rejected(400, "invalid_click_id", str(e)) from None
+    if not EVENT_RE.match(params["event"]):
+        raise Rejected(400, "invalid_param", "event must match [a-z0-9_]{1,64}")
+    txn_id = params.get("txn_id") or None
+    if txn_id is not None and len(txn_id) > MAX_TXN_LEN:
+        raise Rejected(400, "invalid_param", f"txn_id is longer than {MAX_TXN_LEN} characters")
+    record["txn_id"] = txn_id
+    if params.get("revenue"):
+        record["revenue"] = _revenue(params["revenue"])
+    currency = params.get("currency") or None
+    if currency is not None:
+        if not CURRENCY_RE.match(currency):
+            raise Rejected(400, "invalid_param", "currency must be an ISO 4217 code like USD")
+        if currency not in settings.fx:
+            raise Rejected(
+                400,
+                "invalid_param",
+                f"currency {currency} is neither {settings.reporting_currency} nor in [fx]",
+            )
+    record["currency"] = currency
+
+
+def _revenue(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise Rejected(400, "invalid_param", "revenue must be a decimal number") from None
+    if not value.is_finite() or value < 0 or value > MAX_REVENUE:
+        raise Rejected(400, "invalid_param", f"revenue must be between 0 and {MAX_REVENUE}")
+    if value != value.quantize(REVENUE_EXP):
+        raise Rejected(400, "invalid_param", "revenue has more than 6 decimal places")
+    return value.quantize(REVENUE_EXP)

@@ -1,0 +1,119 @@
+"""Each production component as a coroutine that runs until SIGINT/SIGTERM.
+
+`serve(name, settings)` is what `pipeline <name>` runs. Endpoints given as
+"embedded" mean the embedded stack of `pipeline dev`; when nothing answers on
+its address, the component starts the embedded part itself and owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@contextlib.asynccontextmanager
+async def resolved(settings: Settings):
+    """Yield settings with real endpoints, starting embedded parts nobody serves yet."""
+    from pipeline.embedded.kafka import EmbeddedKafka, port_open
+
+    owned_kafka, owned_ch = None, None
+    kafka, ch = settings.kafka_bootstrap, settings.clickhouse_url
+    if kafka == "embedded":
+        host, _, port = settings.kafka_embedded_listen.rpartition(":")
+        if int(port) and port_open(host, int(port)):
+            kafka = settings.kafka_embedded_listen
+        else:
+            owned_kafka = EmbeddedKafka(settings.kafka_embedded_listen)
+            kafka = await asyncio.to_thread(owned_kafka.start)
+            log.info("embedded Kafka (Tansu) on %s", kafka)
+    if ch == "embedded":
+        from pipeline.embedded.clickhouse import EmbeddedClickHouse
+
+        host, _, port = settings.clickhouse_embedded_listen.rpartition(":")
+        if int(port) and port_open(host, int(port)):
+            ch = f"http://{settings.clickhouse_embedded_listen}"
+        else:
+            owned_ch = EmbeddedClickHouse(settings.clickhouse_embedded_path, host, int(port))
+            await owned_ch.start()
+            ch = owned_ch.url
+            log.info("embedded ClickHouse (chDB) on %s", ch)
+    try:
+        yield settings.with_endpoints(kafka=kafka, clickhouse=ch)
+    finally:
+        if owned_ch is not None:
+            await owned_ch.stop()
+        if owned_kafka is not None:
+            await asyncio.to_thread(owned_kafka.stop)
+
+
+async def ingress(settings: Settings) -> None:
+    from pipeline.ingress.app import build_app
+
+    runner = web.AppRunner(build_app(settings), access_log=None)
+    await runner.setup()
+    host, _, port = settings.ingress_listen.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), backlog=1024)
+    await site.start()
+    log.info("ingress listening on http://%s", settings.ingress_listen)
+    try:
+        await _until_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def sink(settings: Settings) -> None:
+    from pipeline.sink.sink import Sink
+
+    s = Sink(settings)
+    await s.start()
+    log.info("sink consuming into %s", settings.clickhouse_url)
+    task = asyncio.create_task(s.run())
+    stopper = asyncio.create_task(_until_signal())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await s.stop()
+
+
+async def migrate(settings: Settings) -> None:
+    from pipeline.sink import ddl
+
+    client = await asyncio.to_thread(ddl.connect, settings.clickhouse_url)
+    applied = await asyncio.to_thread(ddl.migrate, client, settings.clickhouse_database)
+    client.close()
+    print(f"database {settings.clickhouse_database}: applied {applied or 'nothing, up to date'}")
+
+
+SERVICES = {"ingress": ingress, "sink": sink, "migrate": migrate}
+
+
+def serve(name: str, settings: Settings) -> None:
+    """Run one component (with the embedded stack resolved) until a signal."""
+
+    async def main():
+        async with resolved(settings) as real:
+            await SERVICES[name](real)
+
+    Path(settings.spool_dir).mkdir(parents=True, exist_ok=True)
+    asyncio.run(main())

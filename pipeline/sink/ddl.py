@@ -1,0 +1,74 @@
+"""The warehouse schema, as numbered migrations applied once each.
+
+Tables are ReplacingMergeTree keyed by the event's own ID: a Kafka message
+delivered twice becomes two identical rows that merge into one, and queries
+read with FINAL see exactly one.
+The same DDL runs on a ClickHouse server and on the embedded engine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import clickhouse_connect
+
+log = logging.getLogger(__name__)
+
+_SUBS = ", ".join(f"sub{i} String" for i in range(1, 6))
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "clicks and postbacks",
+        [
+            f"""CREATE TABLE IF NOT EXISTS {{db}}.clicks (
+                click_id String, ts DateTime64(3, 'UTC'),
+                campaign_id LowCardinality(String), pub LowCardinality(String),
+                {_SUBS}, ip String, user_agent String
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(ts) ORDER BY (campaign_id, pub, ts, click_id)""",
+            """CREATE TABLE IF NOT EXISTS {db}.postbacks (
+                postback_id String, received_at DateTime64(3, 'UTC'), click_id String,
+                advertiser LowCardinality(String), event LowCardinality(String),
+                txn_id Nullable(String), revenue Nullable(Decimal(18, 6)),
+                currency Nullable(String), source_ip String,
+                outcome LowCardinality(String), detail String, raw String
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(received_at) ORDER BY (received_at, postback_id)""",
+        ],
+    ),
+]
+
+
+def migrate(client, database: str) -> list[int]:
+    """Create the database and apply pending migrations; return the versions applied.
+
+    Idempotent: versions are recorded in `<db>.schema_migrations`.
+    """
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
+        "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    done = {
+        row[0]
+        for row in client.query(
+            f"SELECT version FROM {database}.schema_migrations FINAL"
+        ).result_rows
+    }
+    applied = []
+    for version, name, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for sql in statements:
+            client.command(sql.format(db=database))
+        client.insert(f"{database}.schema_migrations", [(version, name)], ["version", "name"])
+        log.info("migration %d applied: %s", version, name)
+        applied.append(version)
+    return applied
+
+
+def connect(url: str, database: str | None = None, **kwargs):
+    """A clickhouse-connect client for an http(s) URL (user and password may be in it)."""
+    return clickhouse_connect.get_client(dsn=url, database=database or "", **kwargs)

@@ -1,0 +1,36 @@
+"""Every example message round-trips through its schema, and the Python side agrees."""
+
+import json
+from pathlib import Path
+
+import fastavro
+import pytest
+
+from pipeline import codec
+from pipeline.sink import rows
+
+EXAMPLES = sorted((codec.SCHEMA_DIR / "examples").glob("*/*.json"))
+CODECS = {"click": codec.CLICK, "postback": codec.POSTBACK}
+
+
+def test_every_schema_has_examples():
+    for schema in codec.SCHEMA_DIR.glob("*.avsc"):
+        assert list((codec.SCHEMA_DIR / "examples" / schema.stem).glob("*.json")), schema.stem
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[f"{p.parent.name}/{p.name}" for p in EXAMPLES])
+def test_example_round_trips(path: Path):
+    c = CODECS[path.parent.name]
+    record = c.from_json(json.loads(path.read_text()))
+    assert fastavro.validate(record, c.schema)
+    assert c.decode(c.encode(record)) == record
+
+
+@pytest.mark.parametrize(
+    "name,table", [("click", rows.CLICKS), ("postback", rows.POSTBACKS)]
+)
+def test_rows_match_schema_and_table(name, table):
+    c = CODECS[name]
+    for path in (codec.SCHEMA_DIR / "examples" / name).glob("*.json"):
+        row = table.row(c.decode(c.encode(c.from_json(json.loads(path.read_text())))))
+        assert len(row) == len(table.columns)
