@@ -29,13 +29,16 @@ async def _until_signal() -> None:
 
 
 @contextlib.asynccontextmanager
-async def resolved(settings: Settings):
-    """Yield settings with real endpoints, starting embedded parts nobody serves yet."""
+async def resolved(settings: Settings, kafka_needed: bool = True, clickhouse_needed: bool = True):
+    """Yield settings with real endpoints, starting embedded parts nobody serves yet.
+
+    Only the parts a component needs are resolved: the ingress never starts chDB.
+    """
     from pipeline.embedded.kafka import EmbeddedKafka, port_open
 
     owned_kafka, owned_ch = None, None
     kafka, ch = settings.kafka_bootstrap, settings.clickhouse_url
-    if kafka == "embedded":
+    if kafka == "embedded" and kafka_needed:
         host, _, port = settings.kafka_embedded_listen.rpartition(":")
         if int(port) and port_open(host, int(port)):
             kafka = settings.kafka_embedded_listen
@@ -43,7 +46,7 @@ async def resolved(settings: Settings):
             owned_kafka = EmbeddedKafka(settings.kafka_embedded_listen)
             kafka = await asyncio.to_thread(owned_kafka.start)
             log.info("embedded Kafka (Tansu) on %s", kafka)
-    if ch == "embedded":
+    if ch == "embedded" and clickhouse_needed:
         from pipeline.embedded.clickhouse import EmbeddedClickHouse
 
         host, _, port = settings.clickhouse_embedded_listen.rpartition(":")
@@ -105,15 +108,21 @@ async def migrate(settings: Settings) -> None:
     print(f"database {settings.clickhouse_database}: applied {applied or 'nothing, up to date'}")
 
 
-SERVICES = {"ingress": ingress, "sink": sink, "migrate": migrate}
+# name -> (coroutine, needs Kafka, needs ClickHouse)
+SERVICES = {
+    "ingress": (ingress, True, False),
+    "sink": (sink, True, True),
+    "migrate": (migrate, False, True),
+}
 
 
 def serve(name: str, settings: Settings) -> None:
     """Run one component (with the embedded stack resolved) until a signal."""
 
     async def main():
-        async with resolved(settings) as real:
-            await SERVICES[name](real)
+        run, kafka_needed, clickhouse_needed = SERVICES[name]
+        async with resolved(settings, kafka_needed, clickhouse_needed) as real:
+            await run(real)
 
     Path(settings.spool_dir).mkdir(parents=True, exist_ok=True)
     asyncio.run(main())

@@ -6,3 +6,90 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "deploy" / "example.toml"
+
+import re
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+
+import pytest
+
+from pipeline import config
+from pipeline.embedded.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory):
+    """A Tansu broker for the whole run (memory storage); tests isolate by topic prefix."""
+    broker = EmbeddedKafka(f"127.0.0.1:{free_port()}", tmp_path_factory.mktemp("tansu") / "log")
+    broker.start()
+    yield broker.bootstrap_servers
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url(tmp_path_factory):
+    """The embedded ClickHouse (chDB behind the HTTP interface) as its own process."""
+    port = free_port()
+    path = tmp_path_factory.mktemp("chdb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.embedded.clickhouse", "--path", str(path),
+         "--listen", f"127.0.0.1:{port}"],
+        preexec_fn=die_with_parent,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def config_text(bootstrap: str, clickhouse: str, **sections) -> str:
+    """The example config with its own topic prefix and database, pointed at the test stack.
+
+    `sections` adds or replaces whole tables: `sink='batch_rows = 500'`.
+    """
+    run = uuid.uuid4().hex[:10]
+    text = EXAMPLE_CONFIG.read_text()
+    replacements = {
+        'bootstrap_servers = "embedded"': f'bootstrap_servers = "{bootstrap}"',
+        'url = "embedded"': f'url = "{clickhouse}"',
+        'topic_prefix = "attribution."': f'topic_prefix = "t{run}."',
+        'database = "attribution"': f'database = "t{run}"',
+        "partitions = 8": "partitions = 4",
+    }
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    sections = {"sink": 'batch_rows = 500\nbatch_seconds = "200ms"', **sections}
+    for name, body in sections.items():
+        text = re.sub(rf"^\[{name}\]\n(?:[^\[\n].*\n|\n)*", "", text, flags=re.M)
+        text = f"[{name}]\n{body}\n\n" + text
+    return text
+
+
+def make_settings(bootstrap: str, clickhouse: str, **sections) -> config.Settings:
+    doc = tomllib.loads(config_text(bootstrap, clickhouse, **sections))
+    return config.parse(doc)
+
+
+def write_config(tmp_path: Path, bootstrap: str, clickhouse: str, **sections):
+    """A config file for a subprocess, and the same settings parsed."""
+    path = tmp_path / "pipeline.toml"
+    path.write_text(config_text(bootstrap, clickhouse, **sections))
+    return path, config.load(path)
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.2, message: str = ""):
+    """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {message} (last: {last!r})")

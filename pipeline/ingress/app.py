@@ -188,8 +188,10 @@ async def _spool_drainer(app: web.Application) -> None:
         await asyncio.sleep(2)
         if spool.pending():
             try:
+                # a broker that lost its topics must not auto-create them with other counts
+                await kafka.ensure_topics(app[SETTINGS], ["clicks", "postbacks"], timeout=5)
                 await spool.drain(send)
-            except Unavailable:
+            except (Unavailable, KafkaError, OSError, TimeoutError, asyncio.TimeoutError):
                 pass  # still down; the file is kept whole and tried again
 
 

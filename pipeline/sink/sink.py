@@ -45,7 +45,7 @@ class Sink:
     async def start(self) -> None:
         s = self.settings
         await kafka.ensure_topics(s, list(self.routes))
-        self.client = await asyncio.to_thread(ddl.connect, s.clickhouse_url, s.clickhouse_database)
+        self.client = await asyncio.to_thread(ddl.connect, s.clickhouse_url)
         await asyncio.to_thread(ddl.migrate, self.client, s.clickhouse_database)
         self.consumer = kafka.consumer(
             s, s.topic(GROUP), list(self.by_topic), max_poll_records=s.sink_batch_rows
