@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in [
         ("ingress", "the HTTP ingress"),
         ("sink", "the ClickHouse sink"),
+        ("worker", "the attribution worker (Faust)"),
         ("migrate", "create or upgrade the ClickHouse database"),
     ]:
         cmd = sub.add_parser(name, help=text)

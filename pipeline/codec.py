@@ -52,3 +52,4 @@ def _is_decimal(avro_type) -> bool:
 
 CLICK = Codec("click")
 POSTBACK = Codec("postback")
+CONVERSION = Codec("conversion")

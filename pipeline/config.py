@@ -113,6 +113,11 @@ class Settings:
     advertisers: dict[str, Advertiser]
     publishers: dict[str, Publisher]
     campaigns: dict[str, Campaign]
+    worker_store: str = "memory://"
+    worker_web_listen: str = "127.0.0.1:6066"
+    worker_data_dir: str = ".data/worker"
+    state_margin: float = 3600.0
+    tick_interval: float = 1.0
     sink_batch_rows: int = 5000
     sink_batch_seconds: float = 1.0
     source: str = field(default="", compare=False)
@@ -147,6 +152,7 @@ _SECTIONS = {
     "attribution": {"unknown_click_grace"},
     "callbacks": {"timeout", "retry_schedule", "allow_private_networks"},
     "sink": {"batch_rows", "batch_seconds"},
+    "worker": {"store", "web_listen", "data_dir", "state_margin", "tick_interval"},
     "fx": None,  # free-form currency table
     "advertisers": {"id", "token", "allowed_ips"},
     "publishers": {"id", "postback_url", "events", "method", "signing_secret"},
@@ -279,7 +285,12 @@ def parse(data: dict, source: str = "") -> Settings:
 
     cb = sec["callbacks"]
     schedule = cb.get("retry_schedule", list, ["5s", "30s", "2m", "10m", "1h", "6h"])
-    sink = sec["sink"]
+    sink, worker = sec["sink"], sec["worker"]
+    store = worker.get("store", str, "memory://")
+    if store.split("://")[0] not in ("memory", "rocksdb", "rocksdict"):
+        raise ConfigError(
+            "worker.store", f"{store!r} must be memory://, rocksdb:// or rocksdict://"
+        )
     return Settings(
         secrets=tuple(secrets),
         reporting_currency=reporting,
@@ -316,6 +327,15 @@ def parse(data: dict, source: str = "") -> Settings:
         advertisers=advertisers,
         publishers=publishers,
         campaigns=campaigns,
+        worker_store=store,
+        worker_web_listen=_listen(
+            worker.get("web_listen", str, "127.0.0.1:6066"), "worker.web_listen"
+        ),
+        worker_data_dir=worker.get("data_dir", str, ".data/worker"),
+        state_margin=parse_duration(worker.get("state_margin", str, "1h"), "worker.state_margin"),
+        tick_interval=parse_duration(
+            worker.get("tick_interval", str, "1s"), "worker.tick_interval"
+        ),
         sink_batch_rows=sink.get("batch_rows", int, 5000),
         sink_batch_seconds=parse_duration(
             sink.get("batch_seconds", str, "1s"), "sink.batch_seconds"

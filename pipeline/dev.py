@@ -24,7 +24,7 @@ from pipeline.embedded.kafka import die_with_parent
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("sink", "ingress")
+COMPONENTS = ("sink", "worker", "ingress")
 
 
 class Child:

@@ -116,8 +116,34 @@ SERVICES = {
 }
 
 
+def worker(settings: Settings, log_level: str = "INFO") -> None:
+    """The Faust worker: owns its event loop and signal handling (Ctrl-C stops it cleanly)."""
+    import faust
+
+    from pipeline import kafka
+    from pipeline.worker.app import TOPICS, create_app
+
+    async def prepare():
+        async with resolved(settings, clickhouse_needed=False) as real:
+            await kafka.ensure_topics(real, TOPICS)
+            return real
+
+    if settings.kafka_bootstrap == "embedded":
+        from pipeline.embedded.kafka import port_open
+
+        host, _, port = settings.kafka_embedded_listen.rpartition(":")
+        if not (int(port) and port_open(host, int(port))):
+            raise SystemExit("pipeline worker: no embedded Kafka is running; start `pipeline dev`")
+    real = asyncio.run(prepare())
+    Path(settings.worker_data_dir).mkdir(parents=True, exist_ok=True)
+    app, _ = create_app(real)
+    faust.Worker(app, loglevel=log_level, redirect_stdouts=False).execute_from_commandline()
+
+
 def serve(name: str, settings: Settings) -> None:
     """Run one component (with the embedded stack resolved) until a signal."""
+    if name == "worker":
+        return worker(settings)
 
     async def main():
         run, kafka_needed, clickhouse_needed = SERVICES[name]

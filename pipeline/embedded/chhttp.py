@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import lz4.frame
 from backports import zstd  # Python 3.14 ships this as compression.zstd
@@ -21,19 +23,16 @@ try:
 except ImportError:  # optional: clickhouse-connect only offers br when it is installed
     brotli = None
 
-# URL parameters the HTTP layer consumes itself. Everything else is a ClickHouse
-# setting, exactly as a real server reads its URL. chDB would reject most of these
-# as unknown settings, and the rest only make sense for a network server.
+# URL parameters the HTTP layer consumes itself; every other one is a ClickHouse
+# setting, as a real server reads its URL. chDB rejects most of these as unknown
+# settings, the rest only mean something to a network server, and `readonly`, once
+# SET, could never be reset on the one shared session.
 TRANSPORT_PARAMS = frozenset(
-    {
-        "query", "database", "default_format", "user", "password", "quota_key", "role",
-        "query_id", "session_id", "session_timeout", "session_check", "close_session",
-        "compress", "decompress", "buffer_size", "wait_end_of_query", "stacktrace",
-        "client_protocol_version", "send_progress_in_http_headers",
-        "http_headers_progress_interval_ms", "enable_http_compression",
-        "cancel_http_readonly_queries_on_client_close", "http_wait_end_of_query",
-        "http_response_buffer_size",
-    }
+    """query database default_format user password quota_key role query_id session_id
+    session_timeout session_check close_session compress decompress buffer_size
+    wait_end_of_query stacktrace client_protocol_version send_progress_in_http_headers
+    http_headers_progress_interval_ms enable_http_compression http_wait_end_of_query
+    cancel_http_readonly_queries_on_client_close http_response_buffer_size readonly""".split()
 )
 
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -42,9 +41,13 @@ _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNOREC
 # The head of an INSERT whose data follows in the same text: the first
 # "FORMAT <name>" that ends a line. clickhouse-connect sends Native inserts this
 # way ("INSERT INTO t (a, b) FORMAT Native\n<binary>"), with no query parameter.
-_INSERT_HEAD = re.compile(rb"\s*(INSERT\b.*?)\bFORMAT\s+([A-Za-z0-9_]+)[ \t]*(?:\r?\n|$)", re.I | re.S)
+_INSERT_HEAD = re.compile(
+    rb"\s*(INSERT\b.*?)\bFORMAT\s+([A-Za-z0-9_]+)[ \t]*(?:\r?\n|$)", re.I | re.S
+)
+_INLINE_DATA = re.compile(rb"\b(?:VALUES|SELECT)\b", re.I)
 _INSERT_HEAD_SCAN = 64 * 1024  # never regex-scan megabytes of binary row data
 _LEADING_NOISE = re.compile(r"(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*", re.S)
+_KEYWORD = re.compile(r"[A-Za-z]+")
 _RESULT_KEYWORDS = frozenset({"SELECT", "WITH", "SHOW", "DESC", "DESCRIBE", "EXISTS", "EXPLAIN"})
 _CODE = re.compile(r"Code: (\d+)\.")
 _NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*$")
@@ -75,6 +78,9 @@ _CONTENT_TYPES = {
 }
 
 
+_BINARY_FORMATS = ("Native", "RowBinary", "Parquet", "Arrow", "ORC", "Avro", "MsgPack", "BSON")
+
+
 class ClickHouseError(Exception):
     """An error in ClickHouse's own terms: numeric code, symbolic name, message."""
 
@@ -88,19 +94,21 @@ class ClickHouseError(Exception):
         """Read code and name out of chDB's "Code: 60. DB::Exception: ... (UNKNOWN_TABLE)"
         text, which chDB wraps in prefixes like "Streaming insert finish failed: "."""
         text = str(exc).strip()
-        text = text[text.find("Code: "):] if "Code: " in text else text
+        text = text[text.find("Code: ") :] if "Code: " in text else text
         text = _VERSION_SUFFIX.sub("", text)
         code, name = _CODE.match(text), _NAME.search(text)
         if code is None:
             return cls(1001, "STD_EXCEPTION", text)  # what ClickHouse reports for a foreign error
         prefix = f"Code: {code.group(1)}. DB::Exception: "
-        message = text[len(prefix):] if text.startswith(prefix) else text
+        message = text[len(prefix) :] if text.startswith(prefix) else text
         message = _NAME.sub("", message).rstrip().rstrip(".")
         return cls(int(code.group(1)), name.group(1) if name else "UNKNOWN_EXCEPTION", message)
 
     def body(self, version: str) -> str:
         """The response body ClickHouse writes, which clickhouse-connect quotes verbatim."""
-        return f"Code: {self.code}. DB::Exception: {self.message}. ({self.name}) (version {version})\n"
+        return (
+            f"Code: {self.code}. DB::Exception: {self.message}. ({self.name}) (version {version})\n"
+        )
 
 
 def http_status(name: str) -> int:
@@ -130,7 +138,7 @@ class Statement:
     settings: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def result_format(self) -> str | None:
         """The format of the response body, or None for a statement without a result
         (ClickHouse then sends no X-ClickHouse-Format, which clickhouse-connect's
@@ -141,13 +149,29 @@ class Statement:
         if trailing:
             return trailing.group(1)
         start = _LEADING_NOISE.match(self.sql).end()
-        keyword = re.compile(r"[A-Za-z]+").match(self.sql, start)
+        keyword = _KEYWORD.match(self.sql, start)
         if keyword and keyword.group(0).upper() in _RESULT_KEYWORDS:
             return self.output_format
         return None
 
 
-def plan_statement(params: dict[str, str], headers: dict[str, str], body: bytes) -> Statement:
+def without_format(sql: str) -> str:
+    """The statement without its trailing FORMAT clause (and semicolon)."""
+    trailing = _TRAILING_FORMAT.search(sql)
+    return (sql[: trailing.start()] if trailing else sql).rstrip().rstrip(";")
+
+
+def native_header(columns: list[tuple[str, str]]) -> bytes:
+    """A Native block with these (name, type) columns and no rows: what ClickHouse
+    sends for an empty result, and what clickhouse-connect reads column names from."""
+    out = bytearray(_varuint(len(columns)) + _varuint(0))
+    for name, type_name in columns:
+        for text in (name.encode(), type_name.encode()):
+            out += _varuint(len(text)) + text
+    return bytes(out)
+
+
+def plan_statement(params: dict[str, str], headers: Mapping[str, str], body: bytes) -> Statement:
     """Split a request into statement, data, settings and query parameters the way
     ClickHouse does: with `?query=`, the body is data appended to the query;
     without it, the body is the query (and may carry data after FORMAT <name>).
@@ -163,7 +187,7 @@ def plan_statement(params: dict[str, str], headers: dict[str, str], body: bytes)
         "output_format": output_format,
         "database": database,
         "settings": request_settings(params),
-        "params": {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")},
+        "params": {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")},
     }
     if query is not None and not body:
         return Statement(sql=query, **common)
@@ -174,16 +198,21 @@ def plan_statement(params: dict[str, str], headers: dict[str, str], body: bytes)
             return Statement(sql=head, insert_format=trailing.group(1), data=body, **common)
         return Statement(sql=query + "\n" + _text(body), **common)
     head = _INSERT_HEAD.match(body[:_INSERT_HEAD_SCAN])
-    if head:
-        data = body[head.end():]
-        return Statement(sql=_text(head.group(1)), insert_format=head.group(2).decode(), data=data, **common)
+    # VALUES or SELECT before it: that FORMAT sits inside the statement's own data.
+    if head and not _INLINE_DATA.search(head.group(1)):
+        data = body[head.end() :]
+        return Statement(
+            sql=_text(head.group(1)), insert_format=head.group(2).decode(), data=data, **common
+        )
     return Statement(sql=_text(body), **common)
 
 
 def request_settings(params: dict[str, str]) -> dict[str, str]:
     """The ClickHouse settings a request carries: every URL parameter that is not
     consumed by the HTTP layer or a query parameter (`param_*`)."""
-    settings = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
+    settings = {
+        k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")
+    }
     for name in settings:
         if not _SETTING_NAME.fullmatch(name):
             raise ClickHouseError(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
@@ -220,9 +249,13 @@ def decode_body(data: bytes, encoding: str | None) -> bytes:
         if method == "br" and brotli is not None:
             return brotli.decompress(data)
     except Exception as exc:  # every codec has its own error type
-        raise ClickHouseError(271, "CANNOT_DECOMPRESS", f"Cannot decompress {method} body: {exc}") from exc
+        raise ClickHouseError(
+            271, "CANNOT_DECOMPRESS", f"Cannot decompress {method} body: {exc}"
+        ) from exc
     raise ClickHouseError(
-        48, "NOT_IMPLEMENTED", f"Unsupported Content-Encoding '{encoding}': use gzip, deflate, zstd or lz4",
+        48,
+        "NOT_IMPLEMENTED",
+        f"Unsupported Content-Encoding '{encoding}': use gzip, deflate, zstd or lz4",
         status=415,
     )
 
@@ -250,10 +283,20 @@ def encode_body(data: bytes, method: str) -> bytes:
 
 
 def content_type(fmt: str | None) -> str:
-    """Content-Type ClickHouse sends for an output format."""
-    if fmt is None:
-        return "text/plain; charset=UTF-8"
-    return _CONTENT_TYPES.get(fmt, "application/octet-stream")
+    """Content-Type ClickHouse sends for an output format (text unless binary)."""
+    if fmt in _CONTENT_TYPES:
+        return _CONTENT_TYPES[fmt]
+    binary = fmt and fmt.startswith(_BINARY_FORMATS)
+    return "application/octet-stream" if binary else "text/plain; charset=UTF-8"
+
+
+def _varuint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _lz4_frames(data: bytes) -> bytes:
@@ -272,6 +315,8 @@ def _text(data: bytes) -> str:
         return data.decode()
     except UnicodeDecodeError as exc:
         raise ClickHouseError(
-            27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
-            f"Query text is not valid UTF-8 at byte {exc.start}; send binary data after FORMAT <name>",
+            27,
+            "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+            f"Query text is not valid UTF-8 at byte {exc.start}; "
+            "send binary data after FORMAT <name>",
         ) from exc

@@ -191,7 +191,7 @@ async def _spool_drainer(app: web.Application) -> None:
                 # a broker that lost its topics must not auto-create them with other counts
                 await kafka.ensure_topics(app[SETTINGS], ["clicks", "postbacks"], timeout=5)
                 await spool.drain(send)
-            except (Unavailable, KafkaError, OSError, TimeoutError, asyncio.TimeoutError):
+            except (Unavailable, KafkaError, OSError, TimeoutError):
                 pass  # still down; the file is kept whole and tried again
 
 

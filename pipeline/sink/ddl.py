@@ -37,6 +37,45 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             PARTITION BY toYYYYMM(received_at) ORDER BY (received_at, postback_id)""",
         ],
     ),
+    (
+        2,
+        "conversions and hourly campaign stats",
+        [
+            f"""CREATE TABLE IF NOT EXISTS {{db}}.conversions (
+                conversion_id String, postback_id String, click_id String,
+                campaign_id LowCardinality(String), advertiser LowCardinality(String),
+                pub LowCardinality(String), {_SUBS}, event LowCardinality(String),
+                txn_id Nullable(String), status LowCardinality(String), detail String,
+                revenue Decimal(18, 6), payout Decimal(18, 6), currency LowCardinality(String),
+                revenue_reporting Decimal(18, 6), payout_reporting Decimal(18, 6),
+                click_ts Nullable(DateTime64(3, 'UTC')), conversion_ts DateTime64(3, 'UTC'),
+                ctit_seconds Nullable(Int64)
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(conversion_ts) ORDER BY (conversion_ts, conversion_id)""",
+            # a plain view over the deduplicated tables: always exact, also after replays
+            """CREATE VIEW IF NOT EXISTS {db}.campaign_stats_hourly AS
+            SELECT hour, campaign_id, pub,
+                   sum(clicks) AS clicks, sum(installs) AS installs, sum(events) AS events,
+                   sum(revenue_reporting) AS revenue_reporting,
+                   sum(payout_reporting) AS payout_reporting
+            FROM (
+                SELECT toStartOfHour(ts) AS hour, campaign_id, pub, count() AS clicks,
+                       toUInt64(0) AS installs, toUInt64(0) AS events,
+                       toDecimal128(0, 6) AS revenue_reporting,
+                       toDecimal128(0, 6) AS payout_reporting
+                FROM {db}.clicks FINAL GROUP BY hour, campaign_id, pub
+                UNION ALL
+                SELECT toStartOfHour(conversion_ts) AS hour, campaign_id, pub,
+                       toUInt64(0) AS clicks, countIf(event = 'install') AS installs,
+                       countIf(event != 'install') AS events,
+                       toDecimal128(sum(revenue_reporting), 6) AS revenue_reporting,
+                       toDecimal128(sum(payout_reporting), 6) AS payout_reporting
+                FROM {db}.conversions FINAL WHERE status = 'attributed'
+                GROUP BY hour, campaign_id, pub
+            )
+            GROUP BY hour, campaign_id, pub""",
+        ],
+    ),
 ]
 
 

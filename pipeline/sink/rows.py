@@ -77,3 +77,54 @@ POSTBACKS = Table(
     ),
     postback_row,
 )
+
+
+def conversion_row(c: dict) -> tuple:
+    return (
+        c["conversion_id"],
+        c["postback_id"],
+        c["click_id"],
+        c["campaign_id"],
+        c["advertiser"],
+        c["pub"],
+        *(c[s] for s in SUBS),
+        c["event"],
+        c["txn_id"],
+        c["status"],
+        c["detail"],
+        c["revenue"],
+        c["payout"],
+        c["currency"],
+        c["revenue_reporting"],
+        c["payout_reporting"],
+        ts(c["click_ts_ms"]),
+        ts(c["conversion_ts_ms"]),
+        c["ctit_seconds"],
+    )
+
+
+CONVERSIONS = Table(
+    "conversions",
+    (
+        "conversion_id",
+        "postback_id",
+        "click_id",
+        "campaign_id",
+        "advertiser",
+        "pub",
+        *SUBS,
+        "event",
+        "txn_id",
+        "status",
+        "detail",
+        "revenue",
+        "payout",
+        "currency",
+        "revenue_reporting",
+        "payout_reporting",
+        "click_ts",
+        "conversion_ts",
+        "ctit_seconds",
+    ),
+    conversion_row,
+)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 ROUTES = {
     "clicks": (codec.CLICK, rows.CLICKS),
     "postbacks": (codec.POSTBACK, rows.POSTBACKS),
+    "conversions": (codec.CONVERSION, rows.CONVERSIONS),
 }
 GROUP = "sink"
 

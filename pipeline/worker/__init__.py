@@ -1,0 +1,1 @@
+"""The attribution worker: Faust agents joining postbacks to clicks."""

@@ -1,0 +1,87 @@
+"""Worker state entries and their expiry, independent of Faust.
+
+A state entry is JSON bytes (compact, and readable in the changelog topic):
+
+    {"p": partition, "exp": ms when the entry may go, "c": click fields or absent,
+     "i": conversion_id that counted the install, "q": [pending postbacks]}
+
+Faust's windowed tables may not expire keys restored from a changelog
+(faust-streaming#385), so expiry is ours: `ExpiryIndex` keeps a heap of
+deadlines per partition, rebuilt from the table after every assignment, and
+the agents delete due keys while handling a tick of that very partition (so
+the tombstone lands in the right changelog partition).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Iterable, MutableMapping
+from decimal import Decimal
+
+
+def dumps(entry: dict) -> bytes:
+    return json.dumps(entry, separators=(",", ":"), default=str).encode()
+
+
+def loads(raw: bytes | None) -> dict | None:
+    return None if raw is None else json.loads(raw)
+
+
+def postback_to_json(postback: dict) -> dict:
+    return {
+        **postback,
+        "revenue": None if postback["revenue"] is None else str(postback["revenue"]),
+    }
+
+
+def postback_from_json(data: dict) -> dict:
+    revenue = data["revenue"]
+    return {**data, "revenue": None if revenue is None else Decimal(revenue)}
+
+
+def next_deadline(entry: dict, grace_ms: int) -> int:
+    """The earliest time this entry needs attention: a pending postback's grace, or expiry."""
+    pending = [p["received_at_ms"] + grace_ms for p in entry.get("q", ())]
+    return min([entry["exp"], *pending])
+
+
+class ExpiryIndex:
+    """Per-partition heaps of (deadline_ms, key), rebuilt lazily from the table.
+
+    Entries are never removed from a heap eagerly: a popped key is checked
+    against the table's current value (lazy deletion), so the index stays cheap.
+    """
+
+    def __init__(self):
+        self.heaps: dict[int, list[tuple[int, bytes]]] = {}
+
+    def push(self, partition: int, deadline: int, key: bytes) -> None:
+        heap = self.heaps.get(partition)
+        if heap is not None:  # not built yet: the rebuild will find this key
+            heapq.heappush(heap, (deadline, key))
+
+    def ensure(self, partition: int, table: MutableMapping, deadline_of) -> None:
+        """Build the heap of `partition` from the table if it is not built yet."""
+        if partition in self.heaps:
+            return
+        heap = []
+        for key, raw in table.items():
+            entry = loads(raw)
+            if entry["p"] == partition:
+                heap.append((deadline_of(entry), key))
+        heapq.heapify(heap)
+        self.heaps[partition] = heap
+
+    def due(self, partition: int, now_ms: int) -> Iterable[bytes]:
+        """Pop and yield the keys whose deadline has passed (each at most once per pop)."""
+        heap = self.heaps.get(partition, [])
+        while heap and heap[0][0] <= now_ms:
+            yield heapq.heappop(heap)[1]
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self.heaps.pop(partition, None)
+
+    def size(self) -> int:
+        return sum(len(h) for h in self.heaps.values())
