@@ -44,7 +44,8 @@ async def resolved(settings: Settings, kafka_needed: bool = True, clickhouse_nee
             kafka = settings.kafka_embedded_listen
         else:
             owned_kafka = EmbeddedKafka(settings.kafka_embedded_listen)
-            kafka = await asyncio.to_thread(owned_kafka.start)
+            owned_kafka.launch()  # on this thread: the child dies with it, see launch()
+            kafka = await asyncio.to_thread(owned_kafka.wait_ready)
             log.info("embedded Kafka (Tansu) on %s", kafka)
     if ch == "embedded" and clickhouse_needed:
         from pipeline.embedded.clickhouse import EmbeddedClickHouse
@@ -99,6 +100,33 @@ async def sink(settings: Settings) -> None:
         await s.stop()
 
 
+async def callbacks(settings: Settings) -> None:
+    from pipeline.callbacks.service import CallbackService
+
+    service = CallbackService(settings)
+    await service.start()
+    log.info("callbacks consuming %s", settings.topic("conversions"))
+    task = asyncio.create_task(service.run())
+    stopper = asyncio.create_task(_until_signal())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopper.cancel()
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # re-raises what stopped it, after the stop below
+        finally:
+            await service.stop()
+
+
+async def callbacks_replay(settings: Settings) -> None:
+    from pipeline.callbacks.replay import replay_dead
+
+    count = await replay_dead(settings)
+    print(f"replayed {count} dead-lettered callbacks into {settings.topic('callbacks-retry-1')}")
+
+
 async def migrate(settings: Settings) -> None:
     from pipeline.sink import ddl
 
@@ -112,6 +140,8 @@ async def migrate(settings: Settings) -> None:
 SERVICES = {
     "ingress": (ingress, True, False),
     "sink": (sink, True, True),
+    "callbacks": (callbacks, True, False),
+    "callbacks-replay": (callbacks_replay, True, False),
     "migrate": (migrate, False, True),
 }
 

@@ -47,10 +47,11 @@ def clickhouse_url(tmp_path_factory):
         proc.wait(20)
 
 
-def config_text(bootstrap: str, clickhouse: str, **sections) -> str:
+def config_text(bootstrap: str, clickhouse: str, extra: str = "", **sections) -> str:
     """The example config with its own topic prefix and database, pointed at the test stack.
 
-    `sections` adds or replaces whole tables: `sink='batch_rows = 500'`.
+    `sections` adds or replaces whole tables: `sink='batch_rows = 500'`; `extra` is
+    appended (more [[advertisers]] or [[campaigns]]).
     """
     run = uuid.uuid4().hex[:10]
     text = EXAMPLE_CONFIG.read_text()
@@ -68,18 +69,18 @@ def config_text(bootstrap: str, clickhouse: str, **sections) -> str:
     for name, body in sections.items():
         text = re.sub(rf"^\[{name}\]\n(?:[^\[\n].*\n|\n)*", "", text, flags=re.M)
         text = f"[{name}]\n{body}\n\n" + text
-    return text
+    return text + "\n" + extra
 
 
-def make_settings(bootstrap: str, clickhouse: str, **sections) -> config.Settings:
-    doc = tomllib.loads(config_text(bootstrap, clickhouse, **sections))
+def make_settings(bootstrap: str, clickhouse: str, extra: str = "", **sections) -> config.Settings:
+    doc = tomllib.loads(config_text(bootstrap, clickhouse, extra, **sections))
     return config.parse(doc)
 
 
-def write_config(tmp_path: Path, bootstrap: str, clickhouse: str, **sections):
+def write_config(tmp_path: Path, bootstrap: str, clickhouse: str, extra: str = "", **sections):
     """A config file for a subprocess, and the same settings parsed."""
     path = tmp_path / "pipeline.toml"
-    path.write_text(config_text(bootstrap, clickhouse, **sections))
+    path.write_text(config_text(bootstrap, clickhouse, extra, **sections))
     return path, config.load(path)
 
 
@@ -93,3 +94,23 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2, message: s
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s: {message} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory):
+    """Apache Kafka in KRaft mode from Maven Central jars; skips where java or mvn is missing."""
+    from .apache_kafka import ApacheKafka
+
+    reason = ApacheKafka.unavailable_reason()
+    if reason:
+        pytest.skip(f"Apache Kafka reference broker unavailable: {reason}")
+    broker = ApacheKafka(tmp_path_factory.mktemp("apache-kafka"))
+    broker.start()
+    yield broker.bootstrap_servers
+    broker.stop()
+
+
+@pytest.fixture(params=["tansu", "apache-kafka"])
+def broker(request):
+    """Each test using this runs on the embedded Tansu and on the Apache Kafka reference."""
+    return request.getfixturevalue("tansu" if request.param == "tansu" else "apache_kafka")

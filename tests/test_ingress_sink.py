@@ -2,26 +2,17 @@
 read back over the HTTP interface with clickhouse-connect."""
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from decimal import Decimal
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from pipeline import clickid
-from pipeline.embedded.kafka import die_with_parent
-from pipeline.ingress.app import build_app
 from pipeline.sink import ddl
-from pipeline.sink.sink import Sink
 
 from .conftest import make_settings, wait_until, write_config
+from .stack import ingress, rows_eventually, sink, start_component
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -36,41 +27,6 @@ def ch(settings):
     client = ddl.connect(settings.clickhouse_url)
     yield client
     client.close()
-
-
-@contextlib.asynccontextmanager
-async def ingress(settings):
-    server = TestServer(build_app(settings), host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession(str(server.make_url(""))) as http:
-            yield http
-    finally:
-        await server.close()
-
-
-@contextlib.asynccontextmanager
-async def sink(settings):
-    s = Sink(settings)
-    await s.start()
-    task = asyncio.create_task(s.run())
-    try:
-        yield s
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await s.stop()
-
-
-async def rows_eventually(ch, sql, expected_count, timeout=30):
-    def check():
-        result = ch.query(sql).result_rows
-        return result if len(result) >= expected_count else None
-
-    return await asyncio.to_thread(
-        wait_until, check, timeout, 0.2, f"{expected_count} rows from {sql}"
-    )
 
 
 async def test_clicks_and_postbacks_reach_clickhouse(settings, ch):
@@ -188,14 +144,6 @@ async def test_kafka_down_answers_503_spools_and_republishes(tmp_path, clickhous
     finally:
         broker.stop()
     assert rows[0][0] == "unavailable" and "Kafka unavailable" in rows[0][1]
-
-
-def start_component(name: str, config_path, log_path) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", name, "--config", str(config_path)],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-    )
 
 
 async def test_sink_killed_mid_stream_loses_and_duplicates_nothing(tansu, clickhouse_url, ch,

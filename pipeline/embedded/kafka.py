@@ -67,6 +67,16 @@ class EmbeddedKafka:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 30) -> str:
+        """Launch and block until the broker accepts connections."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Spawn the broker without waiting.
+
+        Call it from a thread that lives as long as the broker should: Linux sends
+        the parent-death signal when the *thread* that forked the child exits.
+        """
         url = f"tcp://{self.host}:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -87,6 +97,9 @@ class EmbeddedKafka:
         )
         if log is not subprocess.DEVNULL:
             log.close()
+
+    def wait_ready(self, timeout: float = 30) -> str:
+        """Block until the launched broker accepts connections (safe in a worker thread)."""
         try:
             wait_for_port(self.host, self.port, timeout, self.proc)
         except BaseException:

@@ -1,0 +1,79 @@
+"""Pieces of a running pipeline for integration tests: the ingress and the sink
+in-process, other components as subprocesses, ClickHouse polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from pipeline.embedded.kafka import die_with_parent
+from pipeline.ingress.app import build_app
+from pipeline.sink.sink import Sink
+
+from .conftest import wait_until
+
+
+@contextlib.asynccontextmanager
+async def ingress(settings):
+    """The ingress on a free loopback port; yields an aiohttp session bound to it."""
+    server = TestServer(build_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession(str(server.make_url(""))) as http:
+            yield http
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def sink(settings):
+    s = Sink(settings)
+    await s.start()
+    task = asyncio.create_task(s.run())
+    try:
+        yield s
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await s.stop()
+
+
+def start_component(name: str, config_path: Path, log_path: Path) -> subprocess.Popen:
+    """`python -m pipeline <name>` with its output appended to `log_path`."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", name, "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+
+
+def stop_component(proc: subprocess.Popen, timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+async def rows_eventually(ch, sql: str, expected_count: int, timeout: float = 60):
+    """Poll ClickHouse until `sql` returns at least `expected_count` rows."""
+
+    def check():
+        result = ch.query(sql).result_rows
+        return result if len(result) >= expected_count else None
+
+    return await asyncio.to_thread(
+        wait_until, check, timeout, 0.3, f"{expected_count} rows from {sql}"
+    )
