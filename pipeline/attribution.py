@@ -72,6 +72,7 @@ def decide(settings: Settings, click: dict, postback: dict, install_owner: str |
             click,
             "unknown_event",
             f"campaign {click['campaign_id']} is no longer configured",
+            postback["currency"] or settings.reporting_currency,
         )
     currency = postback["currency"] or campaign.currency
     if campaign.advertiser != postback["advertiser"]:

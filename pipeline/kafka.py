@@ -71,7 +71,15 @@ async def ensure_topics(settings: Settings, names: list[str], timeout: float = 3
                 )
             except TopicAlreadyExistsError:
                 pass  # another component won the race
-        for desc in await admin.describe_topics(topics):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            described = await admin.describe_topics(topics)
+            # a topic just created may show no partitions until its metadata propagates
+            settling = any(not d["partitions"] or d.get("error_code") for d in described)
+            if not settling or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        for desc in described:
             count = len(desc["partitions"])
             if count != settings.kafka_partitions:
                 raise RuntimeError(

@@ -69,7 +69,10 @@ class Joiner:
             if entry.get("i") != before:
                 self._store(key, entry)
             return
-        old = attribution.too_old(self.settings, postback, self.retention_ms / 1000)
+        # a postback queued now must get its answer before its entry expires
+        old = attribution.too_old(
+            self.settings, postback, (self.retention_ms - self.grace_ms) / 1000
+        )
         if old is not None:
             self.emit(old)
             return
