@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         ("ingress", "the HTTP ingress"),
         ("sink", "the ClickHouse sink"),
         ("worker", "the attribution worker (Faust)"),
+        ("callbacks", "the publisher callbacks service"),
+        ("callbacks-replay", "send dead-lettered callbacks round again"),
         ("migrate", "create or upgrade the ClickHouse database"),
     ]:
         cmd = sub.add_parser(name, help=text)

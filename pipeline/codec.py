@@ -53,3 +53,5 @@ def _is_decimal(avro_type) -> bool:
 CLICK = Codec("click")
 POSTBACK = Codec("postback")
 CONVERSION = Codec("conversion")
+CALLBACK = Codec("callback")
+CALLBACK_TASK = Codec("callback_task")

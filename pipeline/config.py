@@ -7,6 +7,8 @@ showing up later as a half-working pipeline. Nothing here reads the environment.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import tomllib
@@ -15,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline import macros
 
@@ -120,6 +123,7 @@ class Settings:
     tick_interval: float = 1.0
     sink_batch_rows: int = 5000
     sink_batch_seconds: float = 1.0
+    callbacks_metrics_listen: str = ""  # host:port of the callbacks /metrics; "": none
     source: str = field(default="", compare=False)
 
     @cached_property
@@ -150,7 +154,7 @@ _SECTIONS = {
     "clickhouse": {"url", "database", "embedded_listen", "embedded_path"},
     "ingress": {"listen", "trusted_proxies", "spool_dir"},
     "attribution": {"unknown_click_grace"},
-    "callbacks": {"timeout", "retry_schedule", "allow_private_networks"},
+    "callbacks": {"timeout", "retry_schedule", "allow_private_networks", "metrics_listen"},
     "sink": {"batch_rows", "batch_seconds"},
     "worker": {"store", "web_listen", "data_dir", "state_margin", "tick_interval"},
     "fx": None,  # free-form currency table
@@ -323,6 +327,11 @@ def parse(data: dict, source: str = "") -> Settings:
             parse_duration(v, f"callbacks.retry_schedule[{i}]") for i, v in enumerate(schedule)
         ),
         allow_private_networks=cb.get("allow_private_networks", bool, False),
+        callbacks_metrics_listen=(
+            _listen(cb.get("metrics_listen", str), "callbacks.metrics_listen")
+            if "metrics_listen" in cb.table
+            else ""
+        ),
         fx=fx,
         advertisers=advertisers,
         publishers=publishers,
@@ -375,6 +384,7 @@ def _publisher(r: _Reader) -> Publisher:
     url = r.get("postback_url", str, required=True)
     try:
         macros.check_url_template(url, CALLBACK_MACROS)
+        _check_callback_authority(url)
     except ValueError as e:
         raise ConfigError(r.key("postback_url"), str(e)) from None
     events = r.get("events", list, ["install"])
@@ -385,9 +395,35 @@ def _publisher(r: _Reader) -> Publisher:
     if method not in ("GET", "POST"):
         raise ConfigError(r.key("method"), f"{method!r} must be GET or POST")
     secret = r.get("signing_secret", str, "")
-    if secret and not secret.startswith("whsec_"):
+    if secret and not whsec_key(secret):
         raise ConfigError(r.key("signing_secret"), "must look like 'whsec_<base64 key>'")
     return Publisher(r.ident("id"), url, frozenset(events), method, secret)
+
+
+def _check_callback_authority(url: str) -> None:
+    """Macros are filled from click data: keeping them out of the scheme, host and port
+    means a click can never choose where a callback goes."""
+    parts = urlsplit(url)
+    if "{" in parts.scheme + parts.netloc:
+        raise ValueError("macros are not allowed in the scheme, host or port")
+    try:
+        parts.port  # noqa: B018 - reading it validates it
+    except ValueError as e:
+        raise ValueError(f"{url!r}: {e}") from None
+
+
+def whsec_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret `whsec_<base64>`; b"" when malformed.
+
+    Padding is optional, as in the specification's reference libraries.
+    """
+    if not secret.startswith("whsec_"):
+        return b""
+    encoded = secret.removeprefix("whsec_")
+    try:
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        return b""
 
 
 def _campaign(r: _Reader, advertisers: dict, fx: dict) -> Campaign:

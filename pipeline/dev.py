@@ -24,7 +24,7 @@ from pipeline.embedded.kafka import die_with_parent
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("sink", "worker", "ingress")
+COMPONENTS = ("sink", "worker", "callbacks", "ingress")
 
 
 class Child:

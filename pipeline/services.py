@@ -101,11 +101,16 @@ async def sink(settings: Settings) -> None:
 
 
 async def callbacks(settings: Settings) -> None:
+    from pipeline.callbacks import metrics
     from pipeline.callbacks.service import CallbackService
 
     service = CallbackService(settings)
     await service.start()
     log.info("callbacks consuming %s", settings.topic("conversions"))
+    scraper = None
+    if settings.callbacks_metrics_listen:
+        scraper = await metrics.serve(service.metrics, settings.callbacks_metrics_listen)
+        log.info("callbacks metrics on http://%s/metrics", settings.callbacks_metrics_listen)
     task = asyncio.create_task(service.run())
     stopper = asyncio.create_task(_until_signal())
     try:
@@ -117,6 +122,8 @@ async def callbacks(settings: Settings) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # re-raises what stopped it, after the stop below
         finally:
+            if scraper is not None:
+                await scraper.cleanup()
             await service.stop()
 
 

@@ -10,7 +10,13 @@ from pipeline import codec
 from pipeline.sink import rows
 
 EXAMPLES = sorted((codec.SCHEMA_DIR / "examples").glob("*/*.json"))
-CODECS = {"click": codec.CLICK, "postback": codec.POSTBACK}
+CODECS = {
+    "click": codec.CLICK,
+    "postback": codec.POSTBACK,
+    "conversion": codec.CONVERSION,
+    "callback": codec.CALLBACK,
+    "callback_task": codec.CALLBACK_TASK,
+}
 
 
 def test_every_schema_has_examples():
@@ -27,7 +33,13 @@ def test_example_round_trips(path: Path):
 
 
 @pytest.mark.parametrize(
-    "name,table", [("click", rows.CLICKS), ("postback", rows.POSTBACKS)]
+    "name,table",
+    [
+        ("click", rows.CLICKS),
+        ("postback", rows.POSTBACKS),
+        ("conversion", rows.CONVERSIONS),
+        ("callback", rows.CALLBACKS),
+    ],
 )
 def test_rows_match_schema_and_table(name, table):
     c = CODECS[name]

@@ -76,6 +76,19 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             GROUP BY hour, campaign_id, pub""",
         ],
     ),
+    (
+        3,
+        "callback attempts",
+        [
+            # one row per attempt: (pub, conversion_id, attempt) is the attempt's identity
+            """CREATE TABLE IF NOT EXISTS {db}.callbacks (
+                conversion_id String, pub LowCardinality(String), attempt UInt32,
+                ts DateTime64(3, 'UTC'), url String, status_code Nullable(UInt16),
+                duration_ms UInt32, outcome LowCardinality(String), error String
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(ts) ORDER BY (pub, conversion_id, attempt)""",
+        ],
+    ),
 ]
 
 

@@ -128,3 +128,34 @@ CONVERSIONS = Table(
     ),
     conversion_row,
 )
+
+
+def callback_row(c: dict) -> tuple:
+    return (
+        c["conversion_id"],
+        c["pub"],
+        c["attempt"],
+        ts(c["ts_ms"]),
+        c["url"],
+        c["status_code"],
+        c["duration_ms"],
+        c["outcome"],
+        c["error"],
+    )
+
+
+CALLBACKS = Table(
+    "callbacks",
+    (
+        "conversion_id",
+        "pub",
+        "attempt",
+        "ts",
+        "url",
+        "status_code",
+        "duration_ms",
+        "outcome",
+        "error",
+    ),
+    callback_row,
+)

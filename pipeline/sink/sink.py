@@ -30,6 +30,7 @@ ROUTES = {
     "clicks": (codec.CLICK, rows.CLICKS),
     "postbacks": (codec.POSTBACK, rows.POSTBACKS),
     "conversions": (codec.CONVERSION, rows.CONVERSIONS),
+    "callback-attempts": (codec.CALLBACK, rows.CALLBACKS),
 }
 GROUP = "sink"
 

@@ -1,0 +1,112 @@
+"""The delivery rules: what a response means and what happens next. Pure functions.
+
+| what came back                              | kind      | outcome of the attempt       |
+|---------------------------------------------|-----------|------------------------------|
+| 2xx within the timeout                      | delivered | `delivered`                  |
+| 3xx (never followed), 4xx but 408 and 429   | permanent | `failed`, dead-lettered      |
+| 408, 429, 5xx, timeout, connection error    | retryable | `retry` while the schedule   |
+|                                             |           | lasts, then `failed`, dead   |
+| address refused by the SSRF guard           | blocked   | `blocked`, dead-lettered     |
+
+Attempt numbers keep counting across dead-letter replays, so (pub,
+conversion_id, attempt) names one attempt for good and a replayed Kafka message
+rewrites the same row instead of adding one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DELIVERED, RETRYABLE, PERMANENT, BLOCKED = "delivered", "retryable", "permanent", "blocked"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one try found (built by the I/O edge, judged here)."""
+
+    kind: str
+    status_code: int | None
+    error: str
+    started_ms: int
+    duration_ms: int
+    url: str  # redacted
+
+
+@dataclass(frozen=True)
+class Step:
+    """Everything to publish after an attempt; the input offset may be committed
+    only once all of it is acknowledged."""
+
+    record: dict  # schemas/callback.avsc, for the callbacks table
+    retry: int | None = None  # n: publish `task` to callbacks-retry-<n>
+    task: dict | None = None
+    dead: dict | None = None  # for callbacks-dead
+
+
+def classify_status(status: int) -> tuple[str, str]:
+    """(kind, error) of an HTTP status."""
+    if 200 <= status < 300:
+        return DELIVERED, ""
+    if 300 <= status < 400:
+        return PERMANENT, f"HTTP {status}: redirects are not followed"
+    if 400 <= status < 500 and status not in (408, 429):
+        return PERMANENT, f"HTTP {status}"
+    # 408, 429, 5xx, and anything non-standard: the publisher may take it later
+    return RETRYABLE, f"HTTP {status}"
+
+
+def step(task: Mapping, attempt: Attempt, schedule: Sequence[float], now_ms: int) -> Step:
+    """Judge `attempt` of `task` under `retry_schedule` (seconds) at `now_ms`."""
+    outcome, error = attempt.kind, attempt.error
+    retry_n, next_task, dead = None, None, None
+    if attempt.kind == DELIVERED:
+        outcome = "delivered"
+    elif attempt.kind == RETRYABLE and task["retry"] < len(schedule):
+        outcome = "retry"
+        retry_n = task["retry"] + 1
+        next_task = _following(task, attempt, outcome, error)
+        next_task["retry"] = retry_n
+        next_task["not_before_ms"] = now_ms + round(schedule[task["retry"]] * 1000)
+    else:
+        outcome = "blocked" if attempt.kind == BLOCKED else "failed"
+        if attempt.kind == RETRYABLE:
+            error = f"{error}; gave up after {task['retry']} retries"
+        dead = _following(task, attempt, outcome, error)
+    record = {
+        "conversion_id": task["conversion_id"],
+        "pub": task["pub"],
+        "attempt": task["attempt"],
+        "ts_ms": attempt.started_ms,
+        "url": attempt.url,
+        "status_code": attempt.status_code,
+        "duration_ms": attempt.duration_ms,
+        "outcome": outcome,
+        "error": error,
+    }
+    return Step(record, retry_n, next_task, dead)
+
+
+def _following(task: Mapping, attempt: Attempt, outcome: str, error: str) -> dict:
+    return {
+        **task,
+        "attempt": task["attempt"] + 1,
+        "last_outcome": outcome,
+        "last_status_code": attempt.status_code,
+        "last_error": error,
+    }
+
+
+def deferred(task: Mapping, now_ms: int, delay_s: float) -> dict:
+    """The task parked for `delay_s` because its publisher has too much in flight:
+    no request was made, so no attempt and no retry are used up."""
+    return {
+        **task,
+        "deferrals": task["deferrals"] + 1,
+        "not_before_ms": now_ms + round(delay_s * 1000),
+    }
+
+
+def replayed(dead: Mapping, now_ms: int) -> dict:
+    """A dead letter sent round again: a fresh retry schedule, attempt numbers go on."""
+    return {**dead, "retry": 0, "deferrals": 0, "not_before_ms": now_ms}
