@@ -195,14 +195,19 @@ async def send_installs(http, n: int, campaign: str = "c1") -> list[tuple[str, s
 
 
 async def wait_for_conversions(ch, db, ids, timeout=180):
-    ids = set(ids)
+    ids, missing = set(ids), []
 
     def done():
         found = {r[0] for r in ch.query(f"SELECT conversion_id FROM {db}.conversions FINAL")
                  .result_rows}
-        return found >= ids or None
+        missing[:] = sorted(ids - found)
+        return not missing or None
 
-    await asyncio.to_thread(wait_until, done, timeout, 0.5, f"{len(ids)} conversions")
+    try:
+        await asyncio.to_thread(wait_until, done, timeout, 0.5, f"{len(ids)} conversions")
+    except AssertionError:
+        raise AssertionError(f"{len(missing)} of {len(ids)} conversions missing: "
+                             f"{missing[:5]}") from None
 
 
 async def repeat_and_check(http, ch, db, sent, worker_logs):
