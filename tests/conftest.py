@@ -2,27 +2,34 @@
 `kafka` (a broker, started here), `clickhouse` (the embedded engine), `e2e`
 (pipeline processes). Each run uses its own topics and database."""
 
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_CONFIG = ROOT / "deploy" / "example.toml"
-
+import os
 import re
 import subprocess
 import sys
 import time
 import tomllib
 import uuid
+from pathlib import Path
 
 import pytest
 
 from pipeline import config
 from pipeline.embedded.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
 
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = ROOT / "deploy" / "example.toml"
+
 
 @pytest.fixture(scope="session")
 def tansu(tmp_path_factory):
-    """A Tansu broker for the whole run (memory storage); tests isolate by topic prefix."""
+    """A Tansu broker for the whole run (memory storage); tests isolate by topic prefix.
+
+    PIPELINE_TEST_KAFKA=host:port runs the suite against that broker instead.
+    """
+    external = os.environ.get("PIPELINE_TEST_KAFKA")
+    if external:
+        yield external
+        return
     broker = EmbeddedKafka(f"127.0.0.1:{free_port()}", tmp_path_factory.mktemp("tansu") / "log")
     broker.start()
     yield broker.bootstrap_servers
@@ -35,8 +42,15 @@ def clickhouse_url(tmp_path_factory):
     port = free_port()
     path = tmp_path_factory.mktemp("chdb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.embedded.clickhouse", "--path", str(path),
-         "--listen", f"127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.embedded.clickhouse",
+            "--path",
+            str(path),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
         preexec_fn=die_with_parent,
     )
     try:

@@ -12,7 +12,13 @@ def test_compose_names_every_service():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {
-        "kafka", "clickhouse", "migrate", "ingress", "worker", "sink", "callbacks"
+        "kafka",
+        "clickhouse",
+        "migrate",
+        "ingress",
+        "worker",
+        "sink",
+        "callbacks",
     }
     for name in ("migrate", "ingress", "worker", "sink", "callbacks"):
         command = services[name]["command"]
@@ -25,5 +31,8 @@ def test_compose_names_every_service():
 def test_production_config_uses_real_endpoints():
     settings = config.load(ROOT / "deploy" / "production.toml")
     assert settings.kafka_bootstrap == "kafka:9092"
-    assert settings.clickhouse_url.startswith("http://") and "clickhouse:8123" in settings.clickhouse_url
+    assert (
+        settings.clickhouse_url.startswith("http://")
+        and "clickhouse:8123" in settings.clickhouse_url
+    )
     assert not settings.allow_private_networks

@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 
 from pipeline import clickid
+from pipeline.embedded.kafka import die_with_parent, free_port
 from pipeline.sink import ddl
 
 from .conftest import EXAMPLE_CONFIG, wait_until
-from pipeline.embedded.kafka import die_with_parent, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -42,7 +42,7 @@ def dev(tmp_path):
         'embedded_listen = "127.0.0.1:8123"': f'embedded_listen = "127.0.0.1:{ch_port}"',
         'embedded_path = ".data/clickhouse"': f'embedded_path = "{tmp_path / "chdb"}"',
         'listen = "127.0.0.1:8080"': f'listen = "127.0.0.1:{ingress_port}"\n'
-                                     f'spool_dir = "{tmp_path / "spool"}"',
+        f'spool_dir = "{tmp_path / "spool"}"',
     }.items():
         assert old in text
         text = text.replace(old, new)
@@ -51,13 +51,21 @@ def dev(tmp_path):
     log = open(tmp_path / "dev.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "dev", "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
         start_new_session=True,
     )
-    output = lambda: (tmp_path / "dev.log").read_text()
+
+    def output():
+        return (tmp_path / "dev.log").read_text()
+
     try:
-        wait_until(lambda: "pipeline dev is up" in output() or proc.poll() is not None, 90,
-                   message="pipeline dev banner")
+        wait_until(
+            lambda: "pipeline dev is up" in output() or proc.poll() is not None,
+            90,
+            message="pipeline dev banner",
+        )
         assert proc.poll() is None, output()
         yield f"http://127.0.0.1:{ingress_port}", f"http://127.0.0.1:{ch_port}", proc, output
     finally:
@@ -73,19 +81,23 @@ def test_pipeline_dev_end_to_end(dev):
     click_id = headers["X-Click-Id"]
     assert headers["Location"] == f"https://apps.example/app/id123?clickid={click_id}&pub=net1"
 
-    status, _, body = http("GET", f"{ingress}/postback?token=adv-secret&click_id={click_id}"
-                                  "&event=install")
+    status, _, body = http(
+        "GET", f"{ingress}/postback?token=adv-secret&click_id={click_id}&event=install"
+    )
     assert status == 200, body
     forged = clickid.issue(["someone-elses-secret"])
-    status, _, body = http("GET", f"{ingress}/postback?token=adv-secret&click_id={forged}"
-                                  "&event=install")
+    status, _, body = http(
+        "GET", f"{ingress}/postback?token=adv-secret&click_id={forged}&event=install"
+    )
     assert (status, b"invalid_click_id" in body) == (400, True)
-    status, _, body = http("GET", f"{ingress}/postback?token=nope-nope-nope&click_id={click_id}"
-                                  "&event=install")
+    status, _, body = http(
+        "GET", f"{ingress}/postback?token=nope-nope-nope&click_id={click_id}&event=install"
+    )
     assert (status, b"bad_token" in body) == (401, True)
 
     # read back the way the README tells a newcomer: plain HTTP on the ClickHouse port
     query = "SELECT+outcome+FROM+attribution.postbacks+FINAL+ORDER+BY+received_at+FORMAT+CSV"
+
     def outcomes():
         status, _, body = http("GET", f"{clickhouse}/?query={query}")
         lines = body.decode().split()

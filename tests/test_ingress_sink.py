@@ -32,15 +32,19 @@ def ch(settings):
 async def test_clicks_and_postbacks_reach_clickhouse(settings, ch):
     db = settings.clickhouse_database
     async with ingress(settings) as http, sink(settings):
-        async with http.get("/click/c1?pub=net1&sub1=a%20b&sub5=z", allow_redirects=False,
-                            headers={"User-Agent": "test-agent"}) as r:
+        async with http.get(
+            "/click/c1?pub=net1&sub1=a%20b&sub5=z",
+            allow_redirects=False,
+            headers={"User-Agent": "test-agent"},
+        ) as r:
             assert r.status == 302
             click_id = r.headers["X-Click-Id"]
             assert r.headers["Location"] == (
                 f"https://apps.example/app/id123?clickid={click_id}&pub=net1"
             )
-        async with http.get("/click/c2?pub=net2&sub1=a%26b",
-                            headers={"Accept": "application/json"}) as r:
+        async with http.get(
+            "/click/c2?pub=net2&sub1=a%26b", headers={"Accept": "application/json"}
+        ) as r:
             body = await r.json()
             assert r.status == 200
             assert body["location"].endswith(f"cid={body['click_id']}&s=a%26b")
@@ -52,17 +56,50 @@ async def test_clicks_and_postbacks_reach_clickhouse(settings, ch):
         forged = clickid.issue(["not-our-secret"])
         cases = [
             ("GET", {"token": "adv-secret", "click_id": click_id, "event": "install"}, 200, None),
-            ("POST-form", {"token": "adv-secret", "click_id": click_id, "event": "purchase",
-                           "txn_id": "o-1", "revenue": "9.99", "currency": "EUR"}, 200, None),
-            ("POST-json", {"token": "adv-secret", "click_id": click_id, "event": "purchase",
-                           "txn_id": "o-2", "revenue": 5.5}, 200, None),
-            ("GET", {"token": "wrong-token", "click_id": click_id, "event": "install"},
-             401, "bad_token"),
-            ("GET", {"token": "adv-secret", "click_id": forged, "event": "install"},
-             400, "invalid_click_id"),
+            (
+                "POST-form",
+                {
+                    "token": "adv-secret",
+                    "click_id": click_id,
+                    "event": "purchase",
+                    "txn_id": "o-1",
+                    "revenue": "9.99",
+                    "currency": "EUR",
+                },
+                200,
+                None,
+            ),
+            (
+                "POST-json",
+                {
+                    "token": "adv-secret",
+                    "click_id": click_id,
+                    "event": "purchase",
+                    "txn_id": "o-2",
+                    "revenue": 5.5,
+                },
+                200,
+                None,
+            ),
+            (
+                "GET",
+                {"token": "wrong-token", "click_id": click_id, "event": "install"},
+                401,
+                "bad_token",
+            ),
+            (
+                "GET",
+                {"token": "adv-secret", "click_id": forged, "event": "install"},
+                400,
+                "invalid_click_id",
+            ),
             ("GET", {"token": "adv-secret", "event": "install"}, 400, "missing_param"),
-            ("GET", {"token": "adv-secret", "click_id": click_id, "event": "x",
-                     "revenue": "-3"}, 400, "invalid_param"),
+            (
+                "GET",
+                {"token": "adv-secret", "click_id": click_id, "event": "x", "revenue": "-3"},
+                400,
+                "invalid_param",
+            ),
         ]
         for method, params, status, code in cases:
             if method == "GET":
@@ -81,15 +118,25 @@ async def test_clicks_and_postbacks_reach_clickhouse(settings, ch):
             assert (r.status, (await r.json())["error"]) == (413, "too_large")
 
         clicks = await rows_eventually(
-            ch, f"SELECT click_id, campaign_id, pub, sub1, sub5, ip, user_agent "
-                f"FROM {db}.clicks FINAL ORDER BY ts", 2)
+            ch,
+            f"SELECT click_id, campaign_id, pub, sub1, sub5, ip, user_agent "
+            f"FROM {db}.clicks FINAL ORDER BY ts",
+            2,
+        )
         assert clicks[0] == (click_id, "c1", "net1", "a b", "z", "127.0.0.1", "test-agent")
         postbacks = await rows_eventually(
-            ch, f"SELECT outcome, event, revenue, currency, raw FROM {db}.postbacks FINAL "
-                f"ORDER BY received_at", len(cases) + 1)
+            ch,
+            f"SELECT outcome, event, revenue, currency, raw FROM {db}.postbacks FINAL "
+            f"ORDER BY received_at",
+            len(cases) + 1,
+        )
     outcomes = [row[0] for row in postbacks]
     assert outcomes == ["accepted"] * 3 + [
-        "bad_token", "invalid_click_id", "missing_param", "invalid_param", "too_large"
+        "bad_token",
+        "invalid_click_id",
+        "missing_param",
+        "invalid_param",
+        "too_large",
     ]
     assert postbacks[1][2] == Decimal("9.99") and postbacks[1][3] == "EUR"
     assert postbacks[2][2] == Decimal("5.5")
@@ -119,10 +166,14 @@ async def test_kafka_down_answers_503_spools_and_republishes(tmp_path, clickhous
 
     broker = EmbeddedKafka(f"127.0.0.1:{free_port()}")
     broker.start()
-    settings = replace(make_settings(broker.bootstrap_servers, clickhouse_url),
-                       spool_dir=str(tmp_path))
-    params = {"token": "adv-secret", "click_id": clickid.issue(settings.secrets),
-              "event": "install"}
+    settings = replace(
+        make_settings(broker.bootstrap_servers, clickhouse_url), spool_dir=str(tmp_path)
+    )
+    params = {
+        "token": "adv-secret",
+        "click_id": clickid.issue(settings.secrets),
+        "event": "install",
+    }
     try:
         async with ingress(settings) as http:
             broker.stop()
@@ -139,15 +190,18 @@ async def test_kafka_down_answers_503_spools_and_republishes(tmp_path, clickhous
             )
             async with sink(settings):
                 rows = await rows_eventually(
-                    ch, f"SELECT outcome, detail FROM {settings.clickhouse_database}.postbacks "
-                        "FINAL", 1)
+                    ch,
+                    f"SELECT outcome, detail FROM {settings.clickhouse_database}.postbacks FINAL",
+                    1,
+                )
     finally:
         broker.stop()
     assert rows[0][0] == "unavailable" and "Kafka unavailable" in rows[0][1]
 
 
-async def test_sink_killed_mid_stream_loses_and_duplicates_nothing(tansu, clickhouse_url, ch,
-                                                                   tmp_path):
+async def test_sink_killed_mid_stream_loses_and_duplicates_nothing(
+    tansu, clickhouse_url, ch, tmp_path
+):
     path, settings = write_config(tmp_path, tansu, clickhouse_url)
     db, total = settings.clickhouse_database, 3000
     log = tmp_path / "sink.log"
@@ -171,9 +225,11 @@ async def test_sink_killed_mid_stream_loses_and_duplicates_nothing(tansu, clickh
             await flowing
             proc = start_component("sink", path, log)
             await send(total - len(sent))
-            count = lambda: ch.query(f"SELECT count() FROM {db}.clicks FINAL").result_rows[0][0]
-            await asyncio.to_thread(wait_until, lambda: count() >= total, 60, 0.5,
-                                    f"{total} clicks in ClickHouse")
+
+            def all_there():
+                return ch.query(f"SELECT count() FROM {db}.clicks FINAL").result_rows[0][0] >= total
+
+            await asyncio.to_thread(wait_until, all_there, 60, 0.5, f"{total} clicks in ClickHouse")
     finally:
         proc.terminate()
         proc.wait(20)

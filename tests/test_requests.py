@@ -18,8 +18,9 @@ NOW = 1_795_637_791_064
 def settings():
     s = config.load(EXAMPLE_CONFIG)
     restricted = config.Advertiser(
-        "strict", "strict-token", (ipaddress.ip_network("203.0.113.0/24"),
-                                   ipaddress.ip_network("2001:db8::/32"))
+        "strict",
+        "strict-token",
+        (ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("2001:db8::/32")),
     )
     from dataclasses import replace
 
@@ -27,8 +28,12 @@ def settings():
 
 
 def good(settings, **extra):
-    return {"token": "adv-secret", "click_id": clickid.issue(settings.secrets, now_ms=NOW - 1000),
-            "event": "install", **extra}
+    return {
+        "token": "adv-secret",
+        "click_id": clickid.issue(settings.secrets, now_ms=NOW - 1000),
+        "event": "install",
+        **extra,
+    }
 
 
 def test_accepted_postback_record(settings):
@@ -73,8 +78,14 @@ def test_rejections(settings, change, status, code):
 
 @pytest.mark.parametrize(
     "ip,allowed",
-    [("203.0.113.9", True), ("203.0.114.9", False), ("2001:db8::5", True), ("2001:db9::5", False),
-     ("::ffff:203.0.113.9", True), ("not-an-ip", False)],
+    [
+        ("203.0.113.9", True),
+        ("203.0.114.9", False),
+        ("2001:db8::5", True),
+        ("2001:db9::5", False),
+        ("::ffff:203.0.113.9", True),
+        ("not-an-ip", False),
+    ],
 )
 def test_ip_allowlist(settings, ip, allowed):
     params = {**good(settings), "token": "strict-token"}
