@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="the whole pipeline on the embedded stack")
     dev.add_argument("--config", default=DEFAULT_CONFIG)
+    dev.add_argument(
+        "--publisher",
+        default="127.0.0.1:9999",
+        help="where a demo publisher prints the callbacks it gets ('' for none)",
+    )
 
     for name, text in [
         ("ingress", "the HTTP ingress"),
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "dev":
         from pipeline import dev
 
-        asyncio.run(dev.run(settings, args.config))
+        asyncio.run(dev.run(settings, args.config, publisher=args.publisher or None))
     elif args.command == "simulate":
         from pipeline import simulate
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 import aiohttp
+from aiohttp import web
 
 from pipeline import services
 from pipeline.config import Settings
@@ -68,6 +69,29 @@ class Child:
                 await self.task
 
 
+async def _echo_publisher(listen: str) -> web.AppRunner | None:
+    """A loopback publisher for `pipeline dev` that prints every callback it gets."""
+
+    async def receive(request: web.Request) -> web.Response:
+        body = (await request.read()).decode(errors="replace")
+        key = request.headers.get("Idempotency-Key", "")
+        print(f"publisher got {request.method} {request.path_qs} {body} (key {key})", flush=True)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    try:
+        await web.TCPSite(runner, host, int(port)).start()
+    except OSError as e:
+        log.warning("demo publisher not started on %s: %s", listen, e)
+        await runner.cleanup()
+        return None
+    return runner
+
+
 async def _wait_ready(url: str, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
@@ -80,7 +104,9 @@ async def _wait_ready(url: str, timeout: float = 60) -> bool:
     return False
 
 
-async def run(settings: Settings, config_path: str, components=COMPONENTS) -> None:
+async def run(
+    settings: Settings, config_path: str, components=COMPONENTS, publisher: str | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,6 +118,7 @@ async def run(settings: Settings, config_path: str, components=COMPONENTS) -> No
         children = [
             Child(name, [*base, name, "--config", config_path, *endpoints]) for name in components
         ]
+        echo = await _echo_publisher(publisher) if publisher else None
         for child in children:
             child.start()
         ingress = f"http://{settings.ingress_listen}"
@@ -102,6 +129,8 @@ async def run(settings: Settings, config_path: str, components=COMPONENTS) -> No
         await stop.wait()
         print("stopping...", flush=True)
         await asyncio.gather(*(child.stop() for child in reversed(children)))
+        if echo is not None:
+            await echo.cleanup()
     print("stopped.", flush=True)
 
 

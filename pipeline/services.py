@@ -28,6 +28,25 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
+async def _run_until_signal(run, cleanup) -> None:
+    """Run the coroutine `run` until it ends or a signal comes; then always `cleanup()`.
+
+    An exception that ended `run` is re-raised after the cleanup.
+    """
+    task = asyncio.create_task(run)
+    stopper = asyncio.create_task(_until_signal())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopper.cancel()
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await cleanup()
+
+
 @contextlib.asynccontextmanager
 async def resolved(settings: Settings, kafka_needed: bool = True, clickhouse_needed: bool = True):
     """Yield settings with real endpoints, starting embedded parts nobody serves yet.
@@ -88,16 +107,7 @@ async def sink(settings: Settings) -> None:
     s = Sink(settings)
     await s.start()
     log.info("sink consuming into %s", settings.clickhouse_url)
-    task = asyncio.create_task(s.run())
-    stopper = asyncio.create_task(_until_signal())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        task.cancel()
-        stopper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await s.stop()
+    await _run_until_signal(s.run(), s.stop)
 
 
 async def callbacks(settings: Settings) -> None:
@@ -111,20 +121,13 @@ async def callbacks(settings: Settings) -> None:
     if settings.callbacks_metrics_listen:
         scraper = await metrics.serve(service.metrics, settings.callbacks_metrics_listen)
         log.info("callbacks metrics on http://%s/metrics", settings.callbacks_metrics_listen)
-    task = asyncio.create_task(service.run())
-    stopper = asyncio.create_task(_until_signal())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        task.cancel()
-        stopper.cancel()
-        try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # re-raises what stopped it, after the stop below
-        finally:
-            if scraper is not None:
-                await scraper.cleanup()
-            await service.stop()
+
+    async def cleanup():
+        if scraper is not None:
+            await scraper.cleanup()
+        await service.stop()
+
+    await _run_until_signal(service.run(), cleanup)
 
 
 async def callbacks_replay(settings: Settings) -> None:

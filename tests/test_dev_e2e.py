@@ -35,7 +35,7 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 @pytest.fixture
 def dev(tmp_path):
-    ingress_port, ch_port = free_port(), free_port()
+    ingress_port, ch_port, publisher_port = free_port(), free_port(), free_port()
     text = EXAMPLE_CONFIG.read_text()
     for old, new in {
         'embedded_listen = "127.0.0.1:9092"': 'embedded_listen = "127.0.0.1:0"',
@@ -43,6 +43,7 @@ def dev(tmp_path):
         'embedded_path = ".data/clickhouse"': f'embedded_path = "{tmp_path / "chdb"}"',
         'listen = "127.0.0.1:8080"': f'listen = "127.0.0.1:{ingress_port}"\n'
         f'spool_dir = "{tmp_path / "spool"}"',
+        "127.0.0.1:9999": f"127.0.0.1:{publisher_port}",
     }.items():
         assert old in text
         text = text.replace(old, new)
@@ -50,7 +51,16 @@ def dev(tmp_path):
     config.write_text(text)
     log = open(tmp_path / "dev.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "dev", "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "dev",
+            "--config",
+            str(config),
+            "--publisher",
+            f"127.0.0.1:{publisher_port}",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent,
@@ -110,6 +120,12 @@ def test_pipeline_dev_end_to_end(dev):
     client.close()
     assert clicks == [(click_id, "e2e")]
 
+    # the whole loop: attributed by the worker, called back by the callbacks service
+    wait_until(
+        lambda: "publisher got GET /cb?click=e2e&event=install&payout=2" in output(),
+        60,
+        message="the install's callback at the demo publisher",
+    )
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert proc.wait(60) == 0, output()
     assert "stopped." in output()
