@@ -126,6 +126,31 @@ def test_pipeline_dev_end_to_end(dev):
         60,
         message="the install's callback at the demo publisher",
     )
+    # the demo traffic generator against the running ingress
+    config = next(p for p in proc.args if p.endswith("dev.toml"))
+    sim = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "simulate",
+            "--config",
+            config,
+            "--url",
+            ingress,
+            "--clicks",
+            "40",
+            "--seed",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert "click 200" in sim.stdout and "postback 200" in sim.stdout
+    assert "40/40" in sim.stderr  # the progress bar ran to the end
+
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert proc.wait(60) == 0, output()
     assert "stopped." in output()
