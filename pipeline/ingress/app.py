@@ -27,7 +27,6 @@ from pipeline.requests import Rejected
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-PUBLISH_TIMEOUT = 10.0
 SETTINGS = web.AppKey("settings", Settings)
 PRODUCER = web.AppKey("producer", object)
 METRICS = web.AppKey("metrics", IngressMetrics)
@@ -47,9 +46,8 @@ async def publish(app: web.Application, topic: str, key: bytes, value: bytes) ->
     settings = app[SETTINGS]
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(
-            app[PRODUCER].send_and_wait(settings.topic(topic), value, key=key), PUBLISH_TIMEOUT
-        )
+        # bounded by the producer's request_timeout_ms; no wait_for: it costs a task per request
+        await app[PRODUCER].send_and_wait(settings.topic(topic), value, key=key)
     except (KafkaError, TimeoutError) as e:
         raise Unavailable(f"{type(e).__name__}: {e}") from e
     app[METRICS].publish_seconds.labels(topic).observe(time.perf_counter() - started)
