@@ -26,11 +26,20 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not kafka and not clickhouse and not e2e"
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests
-	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
 
 simulate: $(STAMP)
 	$(BIN)/pipeline simulate --config deploy/example.toml
 
 clean:
 	rm -rf $(VENV) .data
+
+# Benchmarks (bench/run.py): figures against same-run baselines, written to bench/results/.
+bench: $(STAMP)
+	sh bench/ensure_wrk.sh
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	sh bench/ensure_wrk.sh
+	$(BIN)/python -m bench.run --quick

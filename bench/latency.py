@@ -1,0 +1,209 @@
+"""Latency figure, measured only when `pipeline callbacks` exists.
+
+p50 and p99 from a postback accepted by the ingress (the 200 seen by
+`bench.clients paced`) to its callback received by the loopback publisher,
+with ingress, worker and callbacks running and postbacks sent open-loop at
+half the capacity measured earlier in the run (the slowest of ingress
+postback, worker and callbacks); their clicks are in the worker's state
+beforehand. Against p50 and p99 of a bare produce (acks=all) to consume round
+trip through the same broker at the same rate. The note splits the time at
+the conversion record the worker produced (its Kafka CreateTime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench import data
+from bench.callbacks import EXAMPLE_PUBLISHER, get_json, net1_click, start_publisher
+from bench.report import Figure
+from bench.stack import ROOT, Stack, wait_http
+from bench.worker import wait_state
+from pipeline import codec, kafka
+from pipeline.config import Settings
+from pipeline.worker.app import TOPICS
+
+WARM_UP = 20
+
+
+async def roundtrip(settings: Settings, rate: float, count: int, timeout: float) -> list[float]:
+    """Latencies (s) of `count` records produced at `rate` (acks=all, the
+    ingress's producer settings) and consumed from the same broker."""
+    await kafka.ensure_topics(settings, ["roundtrip"])
+    topic = settings.topic("roundtrip")
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, fetch_max_wait_ms=100)
+    producer = kafka.producer(settings)
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)  # resolve the end now, before anything is sent
+        latencies: list[float] = []
+        deadline = time.monotonic() + timeout
+
+        async def receive() -> None:
+            while len(latencies) < count and time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=100)
+                now = time.time()
+                for messages in batch.values():
+                    latencies.extend(now - float(m.value) for m in messages)
+
+        receiver = asyncio.create_task(receive())
+        start, sends = time.monotonic(), []
+        for i in range(count):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            value = repr(time.time()).encode()
+            sends.append(asyncio.create_task(producer.send_and_wait(topic, value, key=b"%d" % i)))
+        await asyncio.gather(*sends)
+        await receiver
+        if len(latencies) < count:
+            raise TimeoutError(f"round trip: {len(latencies)} of {count} records came back")
+        return latencies
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return pick(0.50), pick(0.99)
+
+
+def _paced(stack: Stack, settings: Settings, lines: list[str], rate: float, name: str) -> dict:
+    ids, out = stack.workdir / f"{name}.ids", stack.workdir / f"{name}.json"
+    ids.write_text("\n".join(lines) + "\n")
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.clients",
+        "paced",
+        "--url",
+        f"http://{settings.ingress_listen}",
+        "--ids",
+        str(ids),
+        "--rate",
+        f"{rate:.3f}",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(argv, cwd=ROOT, check=True, timeout=len(lines) / rate + 120)
+    return json.loads(out.read_text())
+
+
+def _wait_received(listen: str, keys: set[str], timeout: float) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        received = get_json(f"http://{listen}/_received")
+        if keys <= received.keys() or time.monotonic() > deadline:
+            return received
+        time.sleep(0.5)
+
+
+async def conversion_times(settings: Settings) -> dict[str, float]:
+    """click_id -> when the worker produced its conversion (the record's CreateTime, s)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        topic = settings.topic("conversions")
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        times: dict[str, float] = {}
+        for _ in range(1000):  # bounded: a few thousand records at most
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                break
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                times.update((m.key.decode(), m.timestamp / 1000) for m in messages)
+        return times
+    finally:
+        await consumer.stop()
+
+
+def measure_latency(stack: Stack, rate: float, seconds: float) -> Figure:
+    count = max(int(rate * seconds), 100)
+    publisher, listen = start_publisher(stack)
+    try:
+        path, settings = stack.config("latency", replace={EXAMPLE_PUBLISHER: listen})
+        asyncio.run(kafka.ensure_topics(settings, TOPICS))
+        base_p50, base_p99 = _percentiles(asyncio.run(roundtrip(settings, rate, count, 120)))
+
+        click_ids = data.click_ids(settings, WARM_UP + count)
+        clicks = [
+            ("clicks", cid.encode(), codec.CLICK.encode(net1_click(settings, cid, i)))
+            for i, cid in enumerate(click_ids)
+        ]
+        asyncio.run(data.produce(settings, clicks))
+        lines = [f"k{i} {cid}" for i, cid in enumerate(click_ids)]
+        procs = [
+            stack.pipeline(c, path, name=f"latency-{c}") for c in ("worker", "callbacks", "ingress")
+        ]
+        try:
+            wait_http(f"http://{settings.ingress_listen}/readyz", 60, procs[2])
+            wait_state(settings, len(click_ids), procs[0], 120)
+            warm = _paced(stack, settings, lines[:WARM_UP], 50, "latency-warm-up")
+            _wait_received(listen, set(warm["accepted"]), 90)
+            for proc in procs:
+                stack.profile(proc, seconds)
+            load = _paced(stack, settings, lines[WARM_UP:], rate, "latency-load")
+            received = _wait_received(listen, set(load["accepted"]), 60)
+            for proc in procs:
+                proc.check()
+        finally:
+            for proc in reversed(procs):
+                stack.stop(proc)
+    finally:
+        stack.stop(publisher)
+    latencies = [received[k] - t for k, t in load["accepted"].items() if k in received]
+    missing = len(load["accepted"]) - len(latencies)
+    if not latencies:
+        raise RuntimeError("no callback arrived for the postbacks sent")
+    p50, p99 = _percentiles(latencies)
+    ms = lambda s: f"{s * 1000:,.1f} ms"  # noqa: E731
+    # where the time goes: accepted -> conversion produced by the worker -> callback received
+    produced = asyncio.run(conversion_times(settings))
+    key_of = dict(line.split()[::-1] for line in lines)
+    produced = {key_of[cid]: t for cid, t in produced.items() if cid in key_of}
+    worker_hop = [produced[k] - t for k, t in load["accepted"].items() if k in produced]
+    both = produced.keys() & received.keys() & load["accepted"].keys()
+    callback_hop = [received[k] - produced[k] for k in both]
+    span = lambda xs: " / ".join(map(ms, _percentiles(xs))) if xs else "none"  # noqa: E731
+    hops = (
+        f"p50 / p99 of accepted -> conversion produced {span(worker_hop)}, "
+        f"conversion produced -> callback {span(callback_hop)}"
+    )
+    note = f"{rate:,.0f} postbacks/s for {seconds:g} s ({count:,} sent, {load['failed']} failed)"
+    if missing:
+        note += f"; {missing:,} callbacks MISSING after 60 s"
+    return Figure(
+        "latency",
+        "<= 3",
+        value=p99 / base_p99,
+        measured=f"postback accepted -> callback received: p50 {ms(p50)}, p99 {ms(p99)}",
+        baseline=f"produce -> consume round trip: p50 {ms(base_p50)}, p99 {ms(base_p99)}",
+        note=f"value is the p99 ratio (p50 ratio {p50 / base_p50:.1f}); {note}; {hops}",
+        numbers={
+            "p50_s": p50,
+            "p99_s": p99,
+            "baseline_p50_s": base_p50,
+            "baseline_p99_s": base_p99,
+            "rate": rate,
+            "sent": count,
+            "missing": missing,
+            "worker_hop_p50_p99_s": _percentiles(worker_hop) if worker_hop else None,
+            "callback_hop_p50_p99_s": _percentiles(callback_hop) if callback_hop else None,
+        },
+    )
