@@ -63,6 +63,7 @@ class Deliverer:
 
     def __init__(self, timeout: float, allow_private_networks: bool):
         self.timeout = timeout
+        self.client_timeout = aiohttp.ClientTimeout(total=timeout)
         self.allow_private = allow_private_networks
         self.session: aiohttp.ClientSession | None = None
 
@@ -97,7 +98,7 @@ class Deliverer:
                 headers=request.headers,
                 data=request.body or None,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                timeout=self.client_timeout,
             ) as response:
                 status = response.status
             kind, error = policy.classify_status(status)

@@ -35,7 +35,8 @@ class CallbackMetrics:
         )
         self.in_flight = Gauge(
             "pipeline_callbacks_in_flight",
-            "Messages being worked on (queued for a publisher, in a request, or publishing)",
+            "Messages read and not finished (waiting for or queued in a publisher lane, in a "
+            "request, or publishing)",
             registry=self.registry,
         )
 

@@ -20,10 +20,16 @@ and resumed at its due time: a waiting retry lives in Kafka only, costs no
 memory, and survives any restart with its due time.
 
 Isolation and memory: each publisher has its own lane (at most `concurrency`
-requests at once, at most `pending` queued or running); a task for a full lane
-is parked in `callbacks-retry-1` without using an attempt, so a stalled
-publisher cannot fill the service. The whole service holds at most `window`
-messages; beyond that every partition is paused until work finishes.
+requests at once, at most `pending` queued or running). A task for a full lane
+waits, with the rest of its partition (paused meanwhile), while the lane drains
+fast: when what the lane holds would finish within `hold` seconds at the pace
+it has been finishing, and it has finished something within the last `hold`
+seconds. Otherwise (a stalled or overloaded publisher) the task is parked in
+`callbacks-retry-1` without using an attempt. So a busy but fast publisher is
+back-pressured and keeps its order, while a stalled one delays the others on
+its partitions by at most about `hold` seconds and cannot fill the service.
+The whole service holds at most `window` messages (read and waiting, or being
+worked on); beyond that every partition is paused until work finishes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -52,6 +60,8 @@ ATTEMPTS = "callback-attempts"
 DEAD = "callbacks-dead"
 RETRY = "callbacks-retry-"
 COMMIT_INTERVAL = 0.5
+HOLD = 1.0  # seconds a partition may wait for a full lane (see the module docstring)
+HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
 
 
 def retry_topic(n: int) -> str:
@@ -77,25 +87,75 @@ def now_ms() -> int:
 class Lane:
     """One publisher's share of the service."""
 
-    def __init__(self, concurrency: int):
+    def __init__(self, concurrency: int, limit: int, redact: Callable[[str], str]):
         self.slots = asyncio.Semaphore(concurrency)
+        self.redact = redact  # the URL as logged
+        self.limit = limit  # at most this many queued or running
         self.pending = 0
+        self.busy_since = 0.0  # when pending last went from 0 to 1 (monotonic)
+        # the last `limit` finishes of this busy spell: how long a full lane took to drain
+        self.finished: deque[float] = deque(maxlen=max(2, limit))
+        self.parking = False  # parks tasks (said once in the log per spell)
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.limit
+
+    def take(self, now: float) -> None:
+        if self.pending == 0:
+            self.busy_since = now
+            self.finished.clear()
+        self.pending += 1
+
+    def release(self, now: float) -> bool:
+        """One request done; True when the lane has room for a batch of waiting tasks."""
+        self.pending -= 1
+        self.finished.append(now)
+        return self.pending == self.limit - max(1, self.limit // 4)
+
+    def backlog_seconds(self, now: float) -> float:
+        """How long the lane would take to finish what it holds at its recent pace,
+        and at least how long it has gone without finishing anything."""
+        last = self.finished[-1] if self.finished else self.busy_since
+        estimate = now - max(last, self.busy_since)
+        if len(self.finished) >= 2:
+            pace = (self.finished[-1] - self.finished[0]) / (len(self.finished) - 1)
+            estimate = max(estimate, pace * self.pending)
+        return estimate
+
+
+_TAKEN, _REWOUND, _HELD = "taken", "rewound", "held"  # what became of a message read
 
 
 class CallbackService:
     def __init__(
-        self, settings: Settings, concurrency: int = 16, pending: int = 256, window: int = 10_000
+        self,
+        settings: Settings,
+        concurrency: int = 16,
+        pending: int = 256,
+        window: int = 10_000,
+        hold: float = HOLD,
     ):
         self.settings = settings
-        self.lanes = {pub: Lane(concurrency) for pub in settings.publishers}
-        self.pending_limit, self.window = pending, window
+        self.lanes = {
+            pub: Lane(concurrency, pending, request.redactor(publisher))
+            for pub, publisher in settings.publishers.items()
+        }
+        self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
+        self._counters: dict[tuple[str, str], object] = {}  # labelled attempt counters
         self.deliverer = Deliverer(settings.callback_timeout, settings.allow_private_networks)
         self.conversions = settings.topic(CONVERSIONS)
         self.trackers: dict[TopicPartition, Tracker] = {}
         self.jobs: dict[TopicPartition, set[asyncio.Task]] = {}
         self.started: set[asyncio.Task] = set()  # jobs past their lane's queue
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
+        # read but not started, in offset order; a partition with any is paused (its
+        # head waits for a full lane)
+        self.backlog: dict[TopicPartition, deque] = {}
+        self.backlogged = 0
+        self.held: dict[TopicPartition, tuple[int, dict]] = {}  # decoded head of a backlog
+        self.wake = asyncio.Event()  # a lane has room again, or the window has
         self.in_flight = 0
         self.failure: BaseException | None = None
         self.consumer = self.producer = None
@@ -134,42 +194,127 @@ class CallbackService:
         while True:
             if self.failure is not None:
                 raise self.failure
-            self._flow_control()
-            batch = await self.consumer.getmany(
-                timeout_ms=self._poll_ms(), max_records=max(1, self.window - self.in_flight)
-            )
+            self._drain()
+            fetching = self._flow_control()
+            timeout_ms = self._poll_ms()
+            if not fetching:
+                # nothing to read: wait for room (a lane, the window) or a due time
+                self.wake.clear()
+                try:
+                    async with asyncio.timeout(timeout_ms / 1000):
+                        await self.wake.wait()
+                except TimeoutError:
+                    pass
+                timeout_ms = 0  # still poll: it keeps the group membership alive
+            room = self.window - self.in_flight - self.backlogged
+            batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max(1, room))
             for tp, messages in batch.items():
-                for message in messages:
-                    if not self._accept(tp, message):
-                        break
-            self.metrics.in_flight.set(self.in_flight)
+                if tp in self.backlog:  # read while it was being paused: keep the order
+                    self.backlog[tp].extend(messages)
+                else:
+                    self.backlog[tp] = deque(messages)
+                self.backlogged += len(messages)
+            self._drain()
+            self.metrics.in_flight.set(self.in_flight + self.backlogged)
             if time.monotonic() - last_commit >= COMMIT_INTERVAL:
                 await self.commit()
                 last_commit = time.monotonic()
 
-    def _flow_control(self) -> None:
-        now, full = now_ms(), self.in_flight >= self.window
-        paused = self.consumer.paused()
-        for tp in self.consumer.assignment():
+    def _drain(self) -> None:
+        """Start what was read, in order per partition, until a head must wait."""
+        if not self.backlog:
+            return
+        now = time.monotonic()
+        for tp in list(self.backlog):
+            queue = self.backlog[tp]
+            while queue:
+                verdict = self._accept(tp, queue[0], now)
+                if verdict == _HELD:
+                    break
+                if verdict == _REWOUND:
+                    self.backlogged -= len(queue)
+                    queue.clear()
+                    break
+                queue.popleft()
+                self.backlogged -= 1
+            if not queue:
+                del self.backlog[tp]
+
+    def _flow_control(self) -> bool:
+        """Pause what must not be read now, resume the rest; True when any is read."""
+        now = now_ms()
+        full = self.in_flight + self.backlogged >= self.window
+        paused, assigned = self.consumer.paused(), self.consumer.assignment()
+        fetching = not assigned  # none yet: the poll waits for the group
+        for tp in assigned:
             if self.delayed.get(tp, now + 1) <= now:
                 del self.delayed[tp]
-            hold = full or tp in self.delayed
+            hold = full or tp in self.delayed or tp in self.backlog
             if hold and tp not in paused:
                 self.consumer.pause(tp)
             elif not hold and tp in paused:
                 self.consumer.resume(tp)
+            fetching = fetching or not hold
+        return fetching
 
     def _poll_ms(self) -> int:
+        wait = HELD_POLL_MS if self.backlog else 200
         if not self.delayed:
-            return 200
-        return max(1, min(200, min(self.delayed.values()) - now_ms()))
+            return wait
+        return max(1, min(wait, min(self.delayed.values()) - now_ms()))
 
-    def _accept(self, tp: TopicPartition, message) -> bool:
-        """Start the work of one message; False when its partition waits (stop reading it)."""
+    def _accept(self, tp: TopicPartition, message, now: float) -> str:
+        """Start the work of one message, or say why not: its partition waits for its
+        due time (rewound: read it again later) or for its lane (held: try again)."""
         tracker = self.trackers.get(tp)
         if tracker is None:
             tracker = self.trackers[tp] = Tracker()
             self.jobs[tp] = set()
+        held = self.held.pop(tp, None)
+        if held is not None and held[0] == message.offset:
+            task = held[1]  # decoded when it first waited
+        else:
+            task = self._decode(tp, message, tracker)
+            if task is None:
+                return _TAKEN  # nothing to do: skipped (done)
+        if task["not_before_ms"] > now_ms():
+            # read it again when due; the tasks behind it are due even later
+            self.consumer.seek(tp, message.offset)
+            tracker.rewind(message.offset)
+            self.delayed[tp] = task["not_before_ms"]
+            self.consumer.pause(tp)
+            return _REWOUND
+        lane = self.lanes.get(task["pub"])
+        if lane is None:
+            work = self._unknown_publisher(task)
+        elif not lane.full:
+            lane.take(now)
+            lane.parking = False
+            work = self._attempt(lane, task)
+        elif lane.backlog_seconds(now) < self.hold:
+            self.held[tp] = (message.offset, task)
+            return _HELD  # the lane drains fast: wait for it
+        else:
+            if not lane.parking:
+                lane.parking = True
+                log.warning(
+                    "publisher %s is stalled or overloaded (%d in its lane): parking its "
+                    "callbacks in %s",
+                    task["pub"],
+                    lane.pending,
+                    retry_topic(1),
+                )
+            work = self._park(task)
+        tracker.start(message.offset)
+        self.in_flight += 1
+        job = asyncio.create_task(work)
+        jobs = self.jobs[tp]
+        jobs.add(job)
+        job.add_done_callback(lambda j: self._done(j, jobs, tracker, message.offset))
+        return _TAKEN
+
+    def _decode(self, tp: TopicPartition, message, tracker: Tracker) -> dict | None:
+        """The task of a message, or None when it needs no work (marked skipped)."""
         try:
             if tp.topic == self.conversions:
                 conversion = codec.CONVERSION.decode(message.value)
@@ -183,41 +328,20 @@ class CallbackService:
                             conversion["pub"],
                         )
                     tracker.skip(message.offset)
-                    return True
-                task = tasks.from_conversion(conversion)
-            else:
-                task = codec.CALLBACK_TASK.decode(message.value)
+                    return None
+                return tasks.from_conversion(conversion)
+            return codec.CALLBACK_TASK.decode(message.value)
         except Exception:  # noqa: BLE001 - one bad record must not stop every callback
             log.exception("undecodable record %s@%d skipped", tp, message.offset)
             tracker.skip(message.offset)
-            return True
-        if task["not_before_ms"] > now_ms():
-            # read it again when due; the tasks behind it are due even later
-            self.consumer.seek(tp, message.offset)
-            tracker.rewind(message.offset)
-            self.delayed[tp] = task["not_before_ms"]
-            self.consumer.pause(tp)
-            return False
-        lane = self.lanes.get(task["pub"])
-        if lane is None:
-            work = self._unknown_publisher(task)
-        elif lane.pending >= self.pending_limit:
-            work = self._park(task)
-        else:
-            lane.pending += 1
-            work = self._attempt(lane, task)
-        tracker.start(message.offset)
-        self.in_flight += 1
-        job = asyncio.create_task(work)
-        jobs = self.jobs[tp]
-        jobs.add(job)
-        job.add_done_callback(lambda j: self._done(j, jobs, tracker, message.offset))
-        return True
+            return None
 
     def _done(self, job: asyncio.Task, jobs: set, tracker: Tracker, offset: int) -> None:
         jobs.discard(job)
         self.started.discard(job)
         self.in_flight -= 1
+        if self.in_flight + self.backlogged == self.window - 1:
+            self.wake.set()  # the window has room again
         if job.cancelled():
             return  # not finished: the offset stays uncommitted and is redone
         if job.exception() is not None:
@@ -232,10 +356,10 @@ class CallbackService:
                 self.started.add(asyncio.current_task())
                 publisher = self.settings.publishers[task["pub"]]
                 req = request.build(publisher, task, int(time.time()))
-                url = request.redact_url(req.url, request.secrets_of(publisher))
-                attempt = await self.deliverer.send(req, url)
+                attempt = await self.deliverer.send(req, lane.redact(req.url))
         finally:
-            lane.pending -= 1
+            if lane.release(time.monotonic()):
+                self.wake.set()
         await self._conclude(task, attempt)
 
     async def _unknown_publisher(self, task: dict) -> None:
@@ -252,7 +376,7 @@ class CallbackService:
             out.append((DEAD, codec.CALLBACK_TASK, step.dead))
         await self._publish(out)
         record = step.record
-        self.metrics.attempts.labels(record["pub"], record["outcome"]).inc()
+        self._attempts(record["pub"], record["outcome"]).inc()
         if step.dead is not None:
             self.metrics.dead.labels(record["pub"]).inc()
         # the callbacks table has every attempt; the log keeps what needs a look
@@ -267,6 +391,12 @@ class CallbackService:
             record["duration_ms"],
             record["error"],
         )
+
+    def _attempts(self, pub: str, outcome: str):
+        counter = self._counters.get((pub, outcome))
+        if counter is None:
+            counter = self._counters[pub, outcome] = self.metrics.attempts.labels(pub, outcome)
+        return counter
 
     async def _park(self, task: dict) -> None:
         self.started.add(asyncio.current_task())
@@ -288,7 +418,8 @@ class CallbackService:
                     )
                     for name, c, value in out
                 ]
-                await asyncio.gather(*sent)
+                for ack in sent:
+                    await ack  # all were sent before the first wait: one round trip
                 return
             except KafkaError as e:
                 log.warning("publishing callback outcome failed (%s); retrying in %.1fs", e, delay)
@@ -324,6 +455,8 @@ class CallbackService:
             self.trackers.pop(tp, None)
             self.jobs.pop(tp, None)
             self.delayed.pop(tp, None)
+            self.backlogged -= len(self.backlog.pop(tp, ()))
+            self.held.pop(tp, None)
 
 
 class _Rebalance(ConsumerRebalanceListener):
