@@ -50,6 +50,11 @@ def consumer(settings: Settings, group: str, topics: list[str], **overrides) -> 
     return AIOKafkaConsumer(*topics, **options)
 
 
+def _configs(topic: str) -> dict[str, str] | None:
+    """Faust table changelogs are compacted (as Faust itself would create them)."""
+    return {"cleanup.policy": "compact"} if topic.endswith("-changelog") else None
+
+
 async def ensure_topics(settings: Settings, names: list[str], timeout: float = 30) -> None:
     """Create the topics with `kafka.partitions` partitions if missing; check the count.
 
@@ -67,7 +72,10 @@ async def ensure_topics(settings: Settings, names: list[str], timeout: float = 3
         if missing:
             try:
                 await admin.create_topics(
-                    [NewTopic(t, settings.kafka_partitions, 1) for t in missing]
+                    [
+                        NewTopic(t, settings.kafka_partitions, 1, topic_configs=_configs(t))
+                        for t in missing
+                    ]
                 )
             except TopicAlreadyExistsError:
                 pass  # another component won the race

@@ -42,7 +42,7 @@ def worker_sections(**extra):
     sections = {
         "attribution": 'unknown_click_grace = "2s"',
         "worker": f'web_listen = "127.0.0.1:{free_port()}"\nstate_margin = "1s"\n'
-                  'tick_interval = "250ms"',
+        'tick_interval = "250ms"',
     }
     sections.update(extra)
     return sections
@@ -56,15 +56,17 @@ def ch(clickhouse_url):
 
 
 async def click(http, campaign="c1", pub="net1", **subs) -> str:
-    async with http.get(f"/click/{campaign}", params={"pub": pub, **subs},
-                        allow_redirects=False) as r:
+    async with http.get(
+        f"/click/{campaign}", params={"pub": pub, **subs}, allow_redirects=False
+    ) as r:
         assert r.status == 302, await r.text()
         return r.headers["X-Click-Id"]
 
 
 async def postback(http, click_id, event="install", token="adv-secret", **params) -> str:
-    async with http.post("/postback", data={"token": token, "click_id": click_id,
-                                            "event": event, **params}) as r:
+    async with http.post(
+        "/postback", data={"token": token, "click_id": click_id, "event": event, **params}
+    ) as r:
         body = await r.json()
         assert r.status == 200, body
         return body["postback_id"]
@@ -72,7 +74,7 @@ async def postback(http, click_id, event="install", token="adv-secret", **params
 
 def conversions(ch, db) -> dict[str, dict]:
     result = ch.query(f"SELECT * FROM {db}.conversions FINAL")
-    return {row[0]: dict(zip(result.column_names, row)) for row in result.result_rows}
+    return {row[0]: dict(zip(result.column_names, row, strict=True)) for row in result.result_rows}
 
 
 async def test_every_status_amounts_and_fx(tansu, clickhouse_url, ch, tmp_path):
@@ -86,20 +88,43 @@ async def test_every_status_amounts_and_fx(tansu, clickhouse_url, ch, tmp_path):
             c1 = await click(http, "c1", sub1="a b")
             expected[await postback(http, c1)] = ("attributed", "3", "2", "USD", "3", "2")
             expected[await postback(http, c1)] = ("duplicate", "0", "0", "USD", "0", "0")
-            first = await postback(http, c1, "purchase", txn_id="t-1", revenue="19.99",
-                                   currency="EUR")
+            first = await postback(
+                http, c1, "purchase", txn_id="t-1", revenue="19.99", currency="EUR"
+            )
             expected[first] = ("attributed", "19.99", "3.998", "EUR", "21.5892", "4.31784")
             # the first txn_id to reach the dedup stage wins; clicks live on different
             # partitions, so the repeat is sent once the first one is decided
-            await rows_eventually(ch, f"SELECT 1 FROM {db}.conversions FINAL "
-                                      f"WHERE conversion_id = '{first}'", 1, timeout=90)
+            await rows_eventually(
+                ch,
+                f"SELECT 1 FROM {db}.conversions FINAL WHERE conversion_id = '{first}'",
+                1,
+                timeout=90,
+            )
             c1b = await click(http, "c1")
             expected[await postback(http, c1b, "purchase", txn_id="t-1", revenue="5")] = (
-                "duplicate", "5", "0", "USD", "0", "0")  # same txn_id on another click
-            expected[await postback(http, c1, "signup")] = ("unknown_event", "0", "0", "USD",
-                                                            "0", "0")
+                "duplicate",
+                "5",
+                "0",
+                "USD",
+                "0",
+                "0",
+            )  # same txn_id on another click
+            expected[await postback(http, c1, "signup")] = (
+                "unknown_event",
+                "0",
+                "0",
+                "USD",
+                "0",
+                "0",
+            )
             expected[await postback(http, c1, token="rival-token")] = (
-                "wrong_advertiser", "0", "0", "USD", "0", "0")
+                "wrong_advertiser",
+                "0",
+                "0",
+                "USD",
+                "0",
+                "0",
+            )
             c2 = await click(http, "c2", pub="net2")  # an EUR campaign, fixed payout 1.50
             expected[await postback(http, c2)] = ("attributed", "0", "1.5", "EUR", "0", "1.62")
             never = clickid.issue(settings.secrets)  # a real ID whose click never arrives
@@ -107,40 +132,60 @@ async def test_every_status_amounts_and_fx(tansu, clickhouse_url, ch, tmp_path):
 
             # a postback before its click: the click comes late from a lagging ingress
             late_click_id = clickid.issue(settings.secrets)
-            expected[await postback(http, late_click_id, "purchase", txn_id="t-2",
-                                    revenue="10")] = ("attributed", "10", "2", "USD", "10", "2")
+            expected[
+                await postback(http, late_click_id, "purchase", txn_id="t-2", revenue="10")
+            ] = ("attributed", "10", "2", "USD", "10", "2")
             await asyncio.sleep(0.5)
             _, late = requests.click_record(settings, "c1", {"pub": "net1"}, "198.51.100.7", "")
             late["click_id"] = late_click_id
             late["ts_ms"] = clickid.verify(late_click_id, settings.secrets)
             producer = AIOKafkaProducer(bootstrap_servers=tansu, acks="all")
             await producer.start()
-            await producer.send_and_wait(settings.topic("clicks"), codec.CLICK.encode(late),
-                                         key=late_click_id.encode())
+            await producer.send_and_wait(
+                settings.topic("clicks"), codec.CLICK.encode(late), key=late_click_id.encode()
+            )
             await producer.stop()
 
             await asyncio.sleep(max(0.0, 2.5))  # let the short campaign's window pass
             expected[await postback(http, old)] = ("outside_window", "0", "0", "USD", "0", "0")
 
             await rows_eventually(
-                ch, f"SELECT 1 FROM {db}.conversions FINAL", len(expected), timeout=90)
+                ch, f"SELECT 1 FROM {db}.conversions FINAL", len(expected), timeout=90
+            )
             rows = conversions(ch, db)
     finally:
         assert stop_component(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     assert set(rows) == set(expected)  # one conversion per accepted postback, no more
     for conversion_id, (status, revenue, payout, currency, rev_rep, pay_rep) in expected.items():
         row = rows[conversion_id]
-        got = (row["status"], row["revenue"], row["payout"], row["currency"],
-               row["revenue_reporting"], row["payout_reporting"])
-        want = (status, Decimal(revenue), Decimal(payout), currency, Decimal(rev_rep),
-                Decimal(pay_rep))
+        got = (
+            row["status"],
+            row["revenue"],
+            row["payout"],
+            row["currency"],
+            row["revenue_reporting"],
+            row["payout_reporting"],
+        )
+        want = (
+            status,
+            Decimal(revenue),
+            Decimal(payout),
+            currency,
+            Decimal(rev_rep),
+            Decimal(pay_rep),
+        )
         assert got == want, (conversion_id, row)
-    install = next(r for r in rows.values() if r["status"] == "attributed"
-                   and r["event"] == "install" and r["campaign_id"] == "c1")
+    install = next(
+        r
+        for r in rows.values()
+        if r["status"] == "attributed" and r["event"] == "install" and r["campaign_id"] == "c1"
+    )
     assert install["ctit_seconds"] is not None and install["sub1"] == "a b"
     assert install["pub"] == "net1" and install["click_ts"] is not None
-    stats = ch.query(f"SELECT sum(clicks), sum(installs), sum(events), sum(payout_reporting) "
-                     f"FROM {db}.campaign_stats_hourly WHERE campaign_id = 'c1'").result_rows
+    stats = ch.query(
+        f"SELECT sum(clicks), sum(installs), sum(events), sum(payout_reporting) "
+        f"FROM {db}.campaign_stats_hourly WHERE campaign_id = 'c1'"
+    ).result_rows
     assert stats == [(3, 1, 2, Decimal("8.31784"))]  # c1, c1b and the late click
 
 
@@ -159,8 +204,11 @@ async def test_state_stays_bounded(tansu, clickhouse_url, tmp_path):
     sections = worker_sections()
     port = int(re.search(r":(\d+)", sections["worker"]).group(1))
     # state lives for the longest click window (+ grace + margin): make every window short
-    text = re.sub(r'click_window = "\w+"', 'click_window = "1s"',
-                  config_text(tansu, clickhouse_url, RIVAL, **sections))
+    text = re.sub(
+        r'click_window = "\w+"',
+        'click_window = "1s"',
+        config_text(tansu, clickhouse_url, RIVAL, **sections),
+    )
     path = tmp_path / "pipeline.toml"
     path.write_text(text)
     settings = config.load(path)
@@ -172,12 +220,20 @@ async def test_state_stays_bounded(tansu, clickhouse_url, tmp_path):
             for click_id in ids[:50]:
                 await postback(http, click_id)
             peak = await asyncio.to_thread(
-                wait_until, lambda: (v := worker_metric(port, gauge)) and v >= 250 and v,
-                90, 0.3, "clicks in the worker's state")
+                wait_until,
+                lambda: (v := worker_metric(port, gauge)) and v >= 250 and v,
+                90,
+                0.3,
+                "clicks in the worker's state",
+            )
             # window 1s + grace 2s + margin 1s: all of it expires within seconds
             await asyncio.to_thread(
-                wait_until, lambda: worker_metric(port, gauge) == 0 or None, 60, 0.5,
-                f"state emptied ({gauge} was {worker_metric(port, gauge)})")
+                wait_until,
+                lambda: worker_metric(port, gauge) == 0 or None,
+                60,
+                0.5,
+                f"state emptied ({gauge} was {worker_metric(port, gauge)})",
+            )
     finally:
         assert stop_component(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     assert peak >= 250
@@ -186,11 +242,17 @@ async def test_state_stays_bounded(tansu, clickhouse_url, tmp_path):
 async def send_installs(http, n: int, campaign: str = "c1") -> list[tuple[str, str]]:
     """n clicks, each with an install and a purchase with its own txn_id."""
     out = []
-    for i in range(n):
+    for _ in range(n):
         click_id = await click(http, campaign)
         out.append((click_id, await postback(http, click_id)))
-        out.append((click_id, await postback(http, click_id, "purchase", revenue="1.25",
-                                             txn_id=f"txn-{click_id}")))
+        out.append(
+            (
+                click_id,
+                await postback(
+                    http, click_id, "purchase", revenue="1.25", txn_id=f"txn-{click_id}"
+                ),
+            )
+        )
     return out
 
 
@@ -198,16 +260,18 @@ async def wait_for_conversions(ch, db, ids, timeout=180):
     ids, missing = set(ids), []
 
     def done():
-        found = {r[0] for r in ch.query(f"SELECT conversion_id FROM {db}.conversions FINAL")
-                 .result_rows}
+        found = {
+            r[0] for r in ch.query(f"SELECT conversion_id FROM {db}.conversions FINAL").result_rows
+        }
         missing[:] = sorted(ids - found)
         return not missing or None
 
     try:
         await asyncio.to_thread(wait_until, done, timeout, 0.5, f"{len(ids)} conversions")
     except AssertionError:
-        raise AssertionError(f"{len(missing)} of {len(ids)} conversions missing: "
-                             f"{missing[:5]}") from None
+        raise AssertionError(
+            f"{len(missing)} of {len(ids)} conversions missing: {missing[:5]}"
+        ) from None
 
 
 async def repeat_and_check(http, ch, db, sent, worker_logs):
@@ -216,8 +280,9 @@ async def repeat_and_check(http, ch, db, sent, worker_logs):
     repeats = []
     for click_id, _ in sent[::2][:20]:
         repeats.append(await postback(http, click_id))
-        repeats.append(await postback(http, click_id, "purchase", revenue="1.25",
-                                      txn_id=f"txn-{click_id}"))
+        repeats.append(
+            await postback(http, click_id, "purchase", revenue="1.25", txn_id=f"txn-{click_id}")
+        )
     originals = [pid for _, pid in sent]
     await wait_for_conversions(ch, db, originals + repeats)
     rows = ch.query(f"SELECT conversion_id, status FROM {db}.conversions FINAL").result_rows
@@ -253,13 +318,15 @@ async def test_two_workers_share_partitions_and_fail_over(broker, clickhouse_url
     sections = worker_sections()
     path, settings = write_config(tmp_path, broker, clickhouse_url, **sections)
     second = tmp_path / "second.toml"
-    second.write_text(path.read_text().replace(
-        re.search(r'web_listen = "[^"]+"', path.read_text()).group(0),
-        f'web_listen = "127.0.0.1:{free_port()}"'))
+    second.write_text(
+        path.read_text().replace(
+            re.search(r'web_listen = "[^"]+"', path.read_text()).group(0),
+            f'web_listen = "127.0.0.1:{free_port()}"',
+        )
+    )
     db = settings.clickhouse_database
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
-    workers = [start_component("worker", path, logs[0]),
-               start_component("worker", second, logs[1])]
+    workers = [start_component("worker", path, logs[0]), start_component("worker", second, logs[1])]
 
     def worker_logs():
         return "\n".join(p.read_text()[-2000:] for p in logs)
