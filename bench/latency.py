@@ -4,10 +4,11 @@ p50 and p99 from a postback accepted by the ingress (the 200 seen by
 `bench.clients paced`) to its callback received by the loopback publisher,
 with ingress, worker and callbacks running and postbacks sent open-loop at
 half the capacity measured earlier in the run (the slowest of ingress
-postback, worker and callbacks); their clicks are in the worker's state
-beforehand. Against p50 and p99 of a bare produce (acks=all) to consume round
-trip through the same broker at the same rate. The note splits the time at
-the conversion record the worker produced (its Kafka CreateTime).
+postbacks/s, the worker's postbacks/s in its 10:1 mix, and callbacks/s); their
+clicks are in the worker's state beforehand. Against p50 and p99 of a bare
+produce (acks=all) to consume round trip through the same broker at the same
+rate. The note splits the time at the conversion record the worker produced
+(its Kafka CreateTime).
 """
 
 from __future__ import annotations
