@@ -77,8 +77,11 @@ def conversions(ch, db) -> dict[str, dict]:
     return {row[0]: dict(zip(result.column_names, row, strict=True)) for row in result.result_rows}
 
 
-async def test_every_status_amounts_and_fx(tansu, clickhouse_url, ch, tmp_path):
-    path, settings = write_config(tmp_path, tansu, clickhouse_url, RIVAL, **worker_sections())
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+async def test_every_status_amounts_and_fx(store, tansu, clickhouse_url, ch, tmp_path):
+    sections = worker_sections()
+    sections["worker"] += f'\nstore = "{store}"\ndata_dir = "{tmp_path / "worker-data"}"'
+    path, settings = write_config(tmp_path, tansu, clickhouse_url, RIVAL, **sections)
     db = settings.clickhouse_database
     worker = start_component("worker", path, tmp_path / "worker.log")
     expected: dict[str, tuple] = {}
