@@ -8,11 +8,9 @@ Run as `python -m bench.bare --listen 127.0.0.1:PORT` until SIGTERM.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import signal
-
 from aiohttp import web
+
+from bench import serve
 
 POSTBACK_BODY = {"status": "accepted", "postback_id": "0" * 32}
 
@@ -26,28 +24,12 @@ async def click(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={"Location": location, "X-Click-Id": "x"})
 
 
-async def serve(host: str, port: int) -> None:
+def build() -> web.Application:
     app = web.Application()
     app.router.add_get("/postback", postback)
     app.router.add_get("/click/{campaign_id}", click)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.bare")
-    parser.add_argument("--listen", required=True, help="127.0.0.1:PORT")
-    host, _, port = parser.parse_args().listen.rpartition(":")
-    asyncio.run(serve(host, int(port)))
+    return app
 
 
 if __name__ == "__main__":
-    main()
+    serve.main("python -m bench.bare", build)

@@ -10,13 +10,12 @@ first arrival time (Unix seconds) of each key. Run as
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
-import signal
 import time
 
 from aiohttp import web
+
+from bench import serve
 
 RECEIVED = web.AppKey("received", dict)
 COUNT = web.AppKey("count", list)
@@ -45,30 +44,14 @@ async def received(request: web.Request) -> web.Response:
     return web.json_response(request.app[RECEIVED])
 
 
-async def serve(host: str, port: int) -> None:
+def build() -> web.Application:
     app = web.Application()
     app[RECEIVED], app[COUNT] = {}, [0]
     app.router.add_get("/_stats", stats)
     app.router.add_get("/_received", received)
     app.router.add_route("*", "/{tail:.*}", callback)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.publisher")
-    parser.add_argument("--listen", required=True, help="127.0.0.1:PORT")
-    host, _, port = parser.parse_args().listen.rpartition(":")
-    asyncio.run(serve(host, int(port)))
+    return app
 
 
 if __name__ == "__main__":
-    main()
+    serve.main("python -m bench.publisher", build)
