@@ -12,7 +12,7 @@ import binascii
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
@@ -124,7 +124,6 @@ class Settings:
     sink_batch_rows: int = 5000
     sink_batch_seconds: float = 1.0
     callbacks_metrics_listen: str = ""  # host:port of the callbacks /metrics; "": none
-    source: str = field(default="", compare=False)
 
     @cached_property
     def advertisers_by_token(self) -> dict[str, Advertiser]:
@@ -244,10 +243,10 @@ def load(path: str | Path) -> Settings:
         raise ConfigError(str(path), "file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
-    return parse(data, source=str(path))
+    return parse(data)
 
 
-def parse(data: dict, source: str = "") -> Settings:
+def parse(data: dict) -> Settings:
     """Validate an already-decoded TOML document (what `load` does after reading)."""
     _Reader(data, "", set(_SECTIONS))  # rejects unknown top-level sections
     sec = {
@@ -349,7 +348,6 @@ def parse(data: dict, source: str = "") -> Settings:
         sink_batch_seconds=parse_duration(
             sink.get("batch_seconds", str, "1s"), "sink.batch_seconds"
         ),
-        source=source,
     )
 
 

@@ -43,9 +43,9 @@ class Sink:
         self.settings = settings
         self.routes = routes or ROUTES
         self.by_topic = {settings.topic(name): route for name, route in self.routes.items()}
+        self.tables = {table.name: table for _, table in self.routes.values()}
         self.client = None
         self.consumer = None
-        self.rows_written = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -73,17 +73,17 @@ class Sink:
         writing: asyncio.Task | None = None
         try:
             while True:
-                batch, offsets, count = await self._collect()
+                batch, offsets = await self._collect()
                 if writing is not None:
                     await writing
-                writing = asyncio.create_task(self._checkpoint(batch, offsets, count))
+                writing = asyncio.create_task(self._checkpoint(batch, offsets))
         finally:
             if writing is not None and not writing.done():
                 # let the write in flight finish (its rows are already being inserted)
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(writing), 10)
 
-    async def _collect(self) -> tuple[dict[str, list[tuple]], dict, int]:
+    async def _collect(self) -> tuple[dict[str, list[tuple]], dict]:
         """Poll until the batch is full or old; return rows by table and the offsets to commit."""
         batch: dict[str, list[tuple]] = {}
         offsets: dict[TopicPartition, int] = {}
@@ -101,19 +101,17 @@ class Sink:
                 batch.setdefault(table.name, []).extend(row(decode(m.value)) for m in messages)
                 offsets[tp] = messages[-1].offset + 1
                 count += len(messages)
-        return batch, offsets, count
+        return batch, offsets
 
-    async def _checkpoint(self, batch: dict[str, list[tuple]], offsets: dict, count: int) -> None:
-        if count:
+    async def _checkpoint(self, batch: dict[str, list[tuple]], offsets: dict) -> None:
+        if batch:
             await self._write(batch)
         if offsets:
             await self._commit(offsets)
-        self.rows_written += count
 
     async def _write(self, batch: dict[str, list[tuple]]) -> None:
-        tables = {t.name: t for _, t in self.routes.values()}
         for name, data in batch.items():
-            table = tables[name]
+            table = self.tables[name]
             await self._retry(
                 f"insert {len(data)} rows into {name}",
                 functools.partial(
