@@ -79,14 +79,14 @@ def markdown(figures: list[Figure], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(figures: list[Figure], header: dict, out_dir: Path) -> str:
-    """Write latest.json and latest.md into `out_dir`; return the markdown."""
+def write(figures: list[Figure], header: dict, out_dir: Path, stem: str = "latest") -> str:
+    """Write <stem>.json and <stem>.md into `out_dir`; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         **header,
         "figures": [{**asdict(f), "met": f.met} for f in figures],
     }
-    (out_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     text = markdown(figures, header)
-    (out_dir / "latest.md").write_text(text)
+    (out_dir / f"{stem}.md").write_text(text)
     return text

@@ -92,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each process under test (slower)"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["ingress", "worker", "sink", "callbacks"],
+        help="measure only these groups (repeatable; latency needs all of them)",
+    )
     args = parser.parse_args(argv)
+    only = set(args.only or ["ingress", "worker", "sink", "callbacks"])
     mode, name = (QUICK, "quick") if args.quick else (FULL, "full")
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (make bench installs it)", file=sys.stderr)
@@ -108,23 +115,29 @@ def main(argv: list[str] | None = None) -> int:
         "Python aiohttp clients in their own processes for callbacks and latency",
         "settings": mode.__dict__,
         "profiled": args.profile,
+        "only": sorted(only),
     }
     started = time.monotonic()
     stack = Stack(workdir, profiles if args.profile else None).start()
     figures: list[Figure] = []
     try:
-        figures += guarded(
-            ["ingress postback", "ingress click"],
-            [ingress.GOAL] * 2,
-            lambda: ingress.measure(stack, mode.wrk_seconds, mode.connections),
-        )
-        figures += guarded(
-            ["worker", "state memory"],
-            [">= 0.25", "<= 1.5"],
-            lambda: worker.measure(stack, mode.clicks_small, mode.clicks_large, not args.quick),
-        )
-        figures += guarded(["sink"], [">= 0.8"], lambda: sink.measure(stack, mode.sink_clicks))
-        if callbacks.available():
+        if "ingress" in only:
+            figures += guarded(
+                ["ingress postback", "ingress click"],
+                [ingress.GOAL] * 2,
+                lambda: ingress.measure(stack, mode.wrk_seconds, mode.connections),
+            )
+        if "worker" in only:
+            figures += guarded(
+                ["worker", "state memory"],
+                [">= 0.25", "<= 1.5"],
+                lambda: worker.measure(stack, mode.clicks_small, mode.clicks_large, not args.quick),
+            )
+        if "sink" in only:
+            figures += guarded(["sink"], [">= 0.8"], lambda: sink.measure(stack, mode.sink_clicks))
+        if "callbacks" not in only:
+            pass
+        elif callbacks.available():
             figures += guarded(
                 ["callbacks"],
                 [">= 0.5"],
@@ -158,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()
     header["seconds"] = round(time.monotonic() - started)
     figures.sort(key=lambda f: ORDER.index(f.name))
-    text = report.write(figures, header, RESULTS)
+    # a partial run (--only) never replaces the full table
+    text = report.write(figures, header, RESULTS, "latest" if args.only is None else "partial")
     print()
     print(text)
     print(f"written to {RESULTS / 'latest.json'} and latest.md ({header['seconds']} s)")
