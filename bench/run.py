@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     header["seconds"] = round(time.monotonic() - started)
     figures.sort(key=lambda f: ORDER.index(f.name))
     # a partial run (--only) never replaces the full table
-    text = report.write(figures, header, RESULTS, "latest" if args.only is None else "partial")
+    stem = "latest" if args.only is None else "partial"
+    text = report.write(figures, header, RESULTS, stem)
     print()
     print(text)
-    print(f"written to {RESULTS / 'latest.json'} and latest.md ({header['seconds']} s)")
+    print(f"written to {RESULTS / stem}.json and {stem}.md ({header['seconds']} s)")
     for folded in sorted(profiles.glob("*.folded")):
         text = profile.summary(folded)
         folded.with_suffix(".txt").write_text(text)
