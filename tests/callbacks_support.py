@@ -230,7 +230,7 @@ async def read_topic(settings: config.Settings, name: str, c: codec.Codec) -> li
         tps = [TopicPartition(settings.topic(name), p) for p in range(settings.kafka_partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
+        ends = await kafka.log_end_offsets(settings.kafka_bootstrap, tps)
         out = []
         for tp in tps:
             while await consumer.position(tp) < ends[tp]:

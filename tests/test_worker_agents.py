@@ -1,24 +1,21 @@
-"""The Faust wiring of pipeline/worker/app.py, driven through `agent.test_context()`.
+"""The Faust wiring of pipeline/worker/app.py, driven through its batch handlers.
 
-Each agent of `create_app(settings)` gets Avro bytes with a key, exactly as it
-would from Kafka; the tables are the app's own Faust tables (memory store).
-No broker runs in these unit tests, so the producer is the one part replaced:
-`app.producer.send_soon` records each pending message (conversions, txn-check
-and the tables' changelogs) instead of buffering it for a broker. The expire
-agent also asks the consumer for the clicks highwater, a broker fact, so that
-one method is set per test. In test_context every event is on partition 0
-unless `put(partition=...)` says otherwise.
-
-`await ctx.put(...)` returns after the agent handled the event: these agents do
-not yield, so the wrapper records the value in a stream processor and wakes the
-caller, which only runs once the agent awaits its next message (the handlers
-never await in between).
+Each handler of `create_app(settings)` gets Avro bytes with a key in a Faust
+`Message`, exactly as the consumer hands over a fetched batch; the tables are the
+app's own Faust tables (memory store). No broker runs in these unit tests, so the
+producer is the one part replaced: `app.producer.send_soon` records each pending
+message (conversions, txn-check and the tables' changelogs) instead of buffering
+it for a broker. The expire handler also asks the consumer for the clicks
+highwater, a broker fact, so that one method is set per test. Every record is on
+partition 0 unless `put(partition=...)` says otherwise.
 """
 
+import time
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
-from faust.types import TP
+from faust.types import TP, Message
 
 from pipeline import codec
 from pipeline.worker import app as worker_app
@@ -56,9 +53,34 @@ def worker(settings, monkeypatch):
     )
 
 
-def agent(w, name):
-    [found] = [a for full, a in w.app.agents.items() if full.rsplit(".", 1)[-1] == name]
-    return found.test_context()
+HANDLERS = {
+    "join_clicks": "clicks",
+    "join_postbacks": "postbacks",
+    "expire": "worker-ticks",
+    "dedup_txn": "txn-check",
+}
+
+
+class Feed:
+    """Hands records to one batch handler, one record per batch, with growing offsets."""
+
+    def __init__(self, w, name: str):
+        self.topic = w.settings.topic(HANDLERS[name])
+        self.handler = w.app.consumer.batch_handlers[self.topic]
+        self.offsets: dict[int, int] = {}
+
+    async def put(self, value: bytes, key: bytes | None = None, partition: int | None = None):
+        partition = partition or 0
+        offset = self.offsets[partition] = self.offsets.get(partition, -1) + 1
+        message = Message(self.topic, partition, offset, time.time(), 0, [], key, value, None)
+        self.handler([message])
+        return SimpleNamespace(message=message)
+
+
+@asynccontextmanager
+async def batch(w, name):
+    assert w.app.consumer.batch_handlers[w.settings.topic(HANDLERS[name])].__name__ == name
+    yield Feed(w, name)
 
 
 def on_topic(w, name) -> list:
@@ -92,16 +114,19 @@ async def put_postback(ctx, pb, partition=None):
     )
 
 
-def test_agents_are_the_four_of_the_diagram(worker):
-    names = sorted(full.rsplit(".", 1)[-1] for full in worker.app.agents)
-    assert names == ["dedup_txn", "expire", "join_clicks", "join_postbacks"]
+def test_handlers_are_the_four_of_the_diagram(worker):
+    handlers = worker.app.consumer.batch_handlers
+    for name, topic in HANDLERS.items():
+        assert handlers[worker.settings.topic(topic)].__name__ == name
+    assert len(handlers) == 4
+    assert worker.app.agents == {}  # no per-event Faust agents: one handler per batch
 
 
 async def test_click_then_install_emits_one_attributed_conversion(worker):
     w = worker
     click = make_click(w.settings)
     pb = make_postback(w.settings, click)
-    async with agent(w, "join_clicks") as clicks, agent(w, "join_postbacks") as postbacks:
+    async with batch(w, "join_clicks") as clicks, batch(w, "join_postbacks") as postbacks:
         event = await put_click(clicks, click)
         assert event.message.partition == 0
         assert conversions(w) == []
@@ -127,7 +152,7 @@ async def test_postback_before_click_is_attributed_when_the_click_comes(worker):
     w = worker
     click = make_click(w.settings)
     pb = make_postback(w.settings, click, "purchase", revenue="19.99", currency="EUR")
-    async with agent(w, "join_clicks") as clicks, agent(w, "join_postbacks") as postbacks:
+    async with batch(w, "join_clicks") as clicks, batch(w, "join_postbacks") as postbacks:
         await put_postback(postbacks, pb)
         assert conversions(w) == []
         await put_click(clicks, click)
@@ -139,7 +164,7 @@ async def test_postback_before_click_is_attributed_when_the_click_comes(worker):
 async def test_rejected_postback_is_not_attributed(worker):
     w = worker
     click = make_click(w.settings)
-    async with agent(w, "join_clicks") as clicks, agent(w, "join_postbacks") as postbacks:
+    async with batch(w, "join_clicks") as clicks, batch(w, "join_postbacks") as postbacks:
         await put_click(clicks, click)
         pb = {**make_postback(w.settings, click), "outcome": "bad_token", "detail": "x"}
         await put_postback(postbacks, pb)
@@ -149,7 +174,7 @@ async def test_rejected_postback_is_not_attributed(worker):
 async def test_txn_ids_go_through_txn_check_to_dedup_txn(worker):
     w = worker
     click_a, click_b = make_click(w.settings), make_click(w.settings)
-    async with agent(w, "join_clicks") as clicks, agent(w, "join_postbacks") as postbacks:
+    async with batch(w, "join_clicks") as clicks, batch(w, "join_postbacks") as postbacks:
         for click in (click_a, click_b):
             await put_click(clicks, click)
             pb = make_postback(w.settings, click, "purchase", txn_id="order-1", revenue="10")
@@ -161,7 +186,7 @@ async def test_txn_ids_go_through_txn_check_to_dedup_txn(worker):
     first = codec.CONVERSION.decode(checks[0].value)
     assert txn_key(first) == checks[0].key
 
-    async with agent(w, "dedup_txn") as dedup:
+    async with batch(w, "dedup_txn") as dedup:
         for m in (*checks, checks[0]):  # the owner's message is replayed at the end
             await dedup.put(m.value, key=m.key)
     rows = conversions(w)
@@ -180,9 +205,9 @@ async def test_expire_gives_up_on_pending_postback_only_when_clicks_caught_up(wo
     missing = make_click(w.settings)  # never reaches the worker
     pb = make_postback(w.settings, missing)
     async with (
-        agent(w, "join_clicks") as clicks,
-        agent(w, "join_postbacks") as postbacks,
-        agent(w, "expire") as expire,
+        batch(w, "join_clicks") as clicks,
+        batch(w, "join_postbacks") as postbacks,
+        batch(w, "expire") as expire,
     ):
         await put_click(clicks, make_click(w.settings))  # offset 0 of clicks partition 0
         await put_postback(postbacks, pb)
@@ -206,16 +231,16 @@ async def test_expire_gives_up_on_pending_postback_only_when_clicks_caught_up(wo
 async def test_expire_removes_expired_state_and_txns(worker, monkeypatch):
     w = worker
     click = make_click(w.settings)
-    async with agent(w, "join_clicks") as clicks, agent(w, "join_postbacks") as postbacks:
+    async with batch(w, "join_clicks") as clicks, batch(w, "join_postbacks") as postbacks:
         await put_click(clicks, click)
         pb = make_postback(w.settings, click, "purchase", txn_id="t-1", revenue="1")
         await put_postback(postbacks, pb)
     [check] = on_topic(w, "txn-check")
-    async with agent(w, "dedup_txn") as dedup:
+    async with batch(w, "dedup_txn") as dedup:
         await dedup.put(check.value, key=check.key)
     assert len(w.state.data) == len(w.txns.data) == 1
 
-    async with agent(w, "expire") as expire:
+    async with batch(w, "expire") as expire:
         w.highwater[0] = 1
         set_now(monkeypatch, CLICK_TS + 60_000)
         await expire.put(b"")
@@ -228,7 +253,7 @@ async def test_expire_removes_expired_state_and_txns(worker, monkeypatch):
 async def test_revoked_partitions_drop_their_keys_and_index(worker, monkeypatch):
     w = worker
     kept, revoked = make_click(w.settings), make_click(w.settings)
-    async with agent(w, "join_clicks") as clicks, agent(w, "expire") as expire:
+    async with batch(w, "join_clicks") as clicks, batch(w, "expire") as expire:
         await put_click(clicks, kept, partition=0)
         await put_click(clicks, revoked, partition=1)
         w.highwater.update({0: 1, 1: 2})
@@ -259,9 +284,39 @@ async def test_pending_postback_becomes_unknown_click_after_restart_on_quiet_par
 
     missing = make_click(w.settings)
     pb = make_postback(w.settings, missing)
-    async with agent(w, "join_postbacks") as postbacks, agent(w, "expire") as expire:
+    async with batch(w, "join_postbacks") as postbacks, batch(w, "expire") as expire:
         await put_postback(postbacks, pb)
         for step in range(5):
             set_now(monkeypatch, pb["received_at_ms"] + GRACE_MS + 1_000 * (step + 1))
             await expire.put(b"")
     assert [r["status"] for r in conversions(w)] == ["unknown_click"]
+
+
+async def test_a_fetched_batch_is_handled_record_by_record_on_its_partition(worker):
+    w = worker
+    clicks = [make_click(w.settings) for _ in range(3)]
+    postbacks = [make_postback(w.settings, c) for c in clicks]
+
+    def batch_of(name, values, keys):
+        topic = w.settings.topic(HANDLERS[name])
+        return [
+            Message(topic, 2, offset, time.time(), 0, [], key, value, None)
+            for offset, (key, value) in enumerate(zip(keys, values, strict=True))
+        ]
+
+    handlers = w.app.consumer.batch_handlers
+    keys = [c["click_id"].encode() for c in clicks]
+    # the postbacks come first: each waits in the state until its click arrives
+    handlers[w.settings.topic("postbacks")](
+        batch_of("join_postbacks", [codec.POSTBACK.encode(p) for p in postbacks], keys)
+    )
+    assert conversions(w) == []
+    handlers[w.settings.topic("clicks")](
+        batch_of("join_clicks", [codec.CLICK.encode(c) for c in clicks], keys)
+    )
+    rows = conversions(w)
+    assert [r["conversion_id"] for r in rows] == [p["postback_id"] for p in postbacks]
+    assert {r["status"] for r in rows} == {"attributed"}
+    changelog = [m for m in w.sent if m.channel is w.state.changelog_topic]
+    assert {m.partition for m in changelog} == {2}
+    assert {loads(w.state[k])["p"] for k in keys} == {2}

@@ -37,7 +37,7 @@ async def replay_dead(settings: Settings) -> int:
         partitions = [TopicPartition(s.topic(DEAD), p) for p in range(s.kafka_partitions)]
         # assigned, not subscribed: no group rebalance to wait for, offsets still commit
         consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
+        ends = await kafka.log_end_offsets(s.kafka_bootstrap, partitions)
         for tp in partitions:
             while await consumer.position(tp) < ends[tp]:
                 batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])

@@ -16,12 +16,9 @@ offsets (at-least-once; conversion IDs make replays idempotent).
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import faust
-import faust.tables.recovery
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 from prometheus_client import (
     CollectorRegistry,
@@ -32,7 +29,9 @@ from prometheus_client import (
 
 from pipeline import codec
 from pipeline.config import Settings
+from pipeline.worker.consumer import App, handling
 from pipeline.worker.join import Joiner, txn_key
+from pipeline.worker.recovery import TableManager
 from pipeline.worker.state import loads
 
 RAW = dict(key_type=bytes, value_type=bytes)
@@ -47,28 +46,6 @@ TABLES = ["state", "txns"]
 # kafka.ensure_topics creates "-changelog" topics compacted, as Faust does.
 CHANGELOGS = [f"worker-{table}-changelog" for table in TABLES]
 TOPICS = ["clicks", "postbacks", "worker-ticks", "txn-check", "conversions", *CHANGELOGS]
-
-
-# Faust's aiokafka driver hard-codes a 1.5 s fetch wait; Tansu answers a fetch only
-# near its max wait, so every hop through the worker cost up to 1.5 s (bench: latency)
-FETCH_MAX_WAIT_MS = 100
-
-
-def tune_faust() -> None:
-    """Shorten the worker consumer's fetch wait (aiokafka 0.14's attribute, pinned)."""
-    from faust.transport.drivers import aiokafka as driver
-
-    create = driver.AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(create, "tuned", False):
-        return
-
-    def _create_worker_consumer(self, transport):
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-    _create_worker_consumer.tuned = True
-    driver.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 
 def faust_settings(settings: Settings) -> dict:
@@ -97,119 +74,9 @@ def faust_settings(settings: Settings) -> dict:
     )
 
 
-class _FetchablePartitions:
-    """The partitions aiokafka may hand to Faust, decided when it drains its buffers."""
-
-    def __init__(self, consumer, active) -> None:
-        self.consumer, self.active = consumer, active
-
-    def __bool__(self) -> bool:
-        return True  # aiokafka reads a falsy set as "every assigned partition"
-
-    def __contains__(self, tp) -> bool:
-        return self.consumer.flow_active and tp in self.active
-
-
-_fetch_records = AIOKafkaConsumerThread._fetch_records
-
-
-async def _fetch_fetchable_records(
-    self, consumer, active_partitions, timeout=None, max_records=None
-):
-    """Faust's fetch, draining only partitions that Faust will not drop.
-
-    Faust passes its live set of active partitions to the consumer thread, where
-    aiokafka's `Fetcher.fetched_records(partitions, timeout)` waits up to a second
-    (across a rebalance, too) and drains the records of `tp in partitions`, or of every
-    partition if `partitions` is falsy. Faust's `Consumer.getmany` then drops what is
-    not active by then, or, with the flow stopped, all of it: aiokafka's positions
-    have moved past records nobody processes. That happens when the recovery pauses the
-    changelogs while the stream partitions are still paused (the set is empty), and
-    when a rebalance comes while a fetch waits. Partitions without a committed offset
-    are never seeked back (a takeover loses the whole backlog); the others lose what
-    comes after their seek, and the gap is committed over (`Consumer._add_gap`).
-    Here a partition is drained only if it is active, with the flow running, at the
-    moment aiokafka drains it.
-    """
-    if active_partitions is not None:
-        if not active_partitions:
-            return {}
-        active_partitions = _FetchablePartitions(self.consumer, active_partitions)
-    return await _fetch_records(
-        self, consumer, active_partitions, timeout=timeout, max_records=max_records
-    )
-
-
-AIOKafkaConsumerThread._fetch_records = _fetch_fetchable_records
-
-
-class Recovery(faust.tables.recovery.Recovery):
-    """Faust's table recovery, resuming the stream partitions only once it is safe.
-
-    Faust's `Recovery.on_recovery_completed` resumes the stream partitions first and
-    only then awaits `perform_seek` and calls `app.flow_control.resume()`. The consumer
-    flow is already running (it was resumed to read the changelogs), so records that
-    aiokafka prefetched for those partitions during the recovery reach the agents'
-    queues while `perform_seek` is awaited, and `flow_control.resume()` then empties
-    those queues (they are `clear_on_resume`): dropped, never processed, never acked,
-    while aiokafka's position has moved past them. Nothing seeks back (a partition
-    without a committed offset is not seeked at all), later records are committed past
-    them: a partition taken over after a rebalance silently loses its backlog, often
-    all of it on Apache Kafka, which fills the prefetch buffers during the recovery.
-
-    Same steps here, in a safe order: seek, clear the queues, then resume the stream
-    partitions and the flow.
-    """
-
-    async def on_recovery_completed(self, generation_id: int = 0) -> None:
-        app, consumer = self.app, self.app.consumer
-        self.log.info("Restore complete!")
-        await app.on_rebalance_complete.send()
-        self._set_recovery_ended()
-        callbacks = [
-            asyncio.ensure_future(
-                table.on_recovery_completed(
-                    self.actives_for_table[table], self.standbys_for_table[table]
-                )
-            )
-            for table in self.tables.values()
-        ]
-        if callbacks:
-            await asyncio.wait(callbacks)
-        if app.consumer_generation_id != generation_id:
-            self.log.warning(
-                "Recovery rebalancing again app id %r param %r",
-                app.consumer_generation_id,
-                generation_id,
-            )
-            return
-        assignment = consumer.assignment()
-        if assignment:
-            self.log.info("Seek stream partitions to committed offsets.")
-            await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
-        self.completed.set()
-        app.flow_control.resume()  # clears the agents' queues: nothing of this generation yet
-        consumer.resume_partitions({tp for tp in assignment if not self._is_changelog_tp(tp)})
-        consumer.resume_flow()
-        await app._fetcher.maybe_start()
-        self.tables.on_actives_ready()
-        if not app.assignor.assigned_standbys():
-            self.tables.on_standbys_ready()
-        app.on_rebalance_end()
-        self.log.info("Worker ready")
-
-
-class TableManager(faust.tables.TableManager):
-    @property
-    def recovery(self) -> Recovery:
-        if self._recovery is None:
-            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
-        return self._recovery
-
-
 def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     """The Faust app and the joiner behind its agents (tests drive either)."""
-    app = faust.App(settings.topic("worker"), TableManager=TableManager, **faust_settings(settings))
+    app = App(settings.topic("worker"), TableManager=TableManager, **faust_settings(settings))
     clicks = app.topic(settings.topic("clicks"), **RAW)
     postbacks = app.topic(settings.topic("postbacks"), **RAW)
     ticks = app.topic(settings.topic("worker-ticks"), **RAW)
@@ -260,29 +127,35 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         committed = app.consumer._committed_offset.get(tp)
         return highwater == 0 or (committed is not None and committed >= highwater)
 
-    @app.agent(clicks)
-    async def join_clicks(stream):
-        async for event in stream.events():
-            partition = event.message.partition
-            joiner.on_click(partition, codec.CLICK.decode(event.value))
-            clicks_seen[partition] = event.message.offset
+    @app.batch(clicks)
+    def join_clicks(messages: list[faust.types.Message]) -> None:
+        decode, partition = codec.CLICK.decode, messages[0].partition
+        with handling(messages[0]):
+            for message in messages:
+                joiner.on_click(partition, decode(message.value))
+        clicks_seen[partition] = messages[-1].offset
 
-    @app.agent(postbacks)
-    async def join_postbacks(stream):
-        async for event in stream.events():
-            joiner.on_postback(event.message.partition, codec.POSTBACK.decode(event.value))
+    @app.batch(postbacks)
+    def join_postbacks(messages: list[faust.types.Message]) -> None:
+        decode, partition = codec.POSTBACK.decode, messages[0].partition
+        with handling(messages[0]):
+            for message in messages:
+                joiner.on_postback(partition, decode(message.value))
 
-    @app.agent(ticks)
-    async def expire(stream):
-        async for event in stream.events():
-            partition, now = event.message.partition, int(time.time() * 1000)
+    @app.batch(ticks)
+    def expire(messages: list[faust.types.Message]) -> None:
+        """Ticks carry no data: a batch of them is one expiry run of its partition."""
+        partition, now = messages[0].partition, int(time.time() * 1000)
+        with handling(messages[0]):
             joiner.on_tick(partition, now, clicks_caught_up(partition))
             joiner.on_txn_tick(partition, now)
 
-    @app.agent(txn_check)
-    async def dedup_txn(stream):
-        async for event in stream.events():
-            joiner.on_txn(event.message.partition, codec.CONVERSION.decode(event.value))
+    @app.batch(txn_check)
+    def dedup_txn(messages: list[faust.types.Message]) -> None:
+        decode, partition = codec.CONVERSION.decode, messages[0].partition
+        with handling(messages[0]):
+            for message in messages:
+                joiner.on_txn(partition, decode(message.value))
 
     @app.timer(settings.tick_interval)
     async def send_ticks():
