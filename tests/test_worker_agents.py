@@ -3,9 +3,9 @@
 Each handler of `create_app(settings)` gets Avro bytes with a key in a Faust
 `Message`, exactly as the consumer hands over a fetched batch; the tables are the
 app's own Faust tables (memory store). No broker runs in these unit tests, so the
-producer is the one part replaced: `app.producer.send_soon` records each pending
-message (conversions, txn-check and the tables' changelogs) instead of buffering
-it for a broker. The expire handler also asks the consumer for the clicks
+producer is the one part missing: `app.outputs` queues each record the handlers
+write (conversions, txn-check and the tables' changelogs) and the tests read that
+queue, in order, instead of sending it to a broker. The expire handler also asks the consumer for the clicks
 highwater, a broker fact, so that one method is set per test. Every record is on
 partition 0 unless `put(partition=...)` says otherwise.
 """
@@ -39,7 +39,14 @@ def settings():
 def worker(settings, monkeypatch):
     app, joiner = create_app(settings)
     sent = []
-    monkeypatch.setattr(app.producer, "send_soon", lambda fut: sent.append(fut.message))
+    add = app.outputs.add
+
+    def record(topic, key, value, partition=None):
+        partition = add(topic, key, value, partition)
+        sent.append(SimpleNamespace(topic=topic, key=key, value=value, partition=partition))
+        return partition
+
+    monkeypatch.setattr(app.outputs, "add", record)
     highwater = {}
     monkeypatch.setattr(app.consumer, "highwater", lambda tp: highwater.get(tp.partition))
     return SimpleNamespace(
@@ -85,7 +92,7 @@ async def batch(w, name):
 
 def on_topic(w, name) -> list:
     topic = w.settings.topic(name)
-    return [m for m in w.sent if m.channel.get_topic_name() == topic]
+    return [m for m in w.sent if m.topic == topic]
 
 
 def conversions(w) -> list[dict]:
@@ -142,7 +149,7 @@ async def test_click_then_install_emits_one_attributed_conversion(worker):
     stored = loads(w.state[click["click_id"].encode()])
     assert stored["i"] == pb["postback_id"] and stored["p"] == 0
     # each table write went to the changelog partition of the event that made it
-    changelog = [m for m in w.sent if m.channel is w.state.changelog_topic]
+    changelog = [m for m in w.sent if m.topic == w.state.changelog_topic.get_topic_name()]
     assert changelog and {m.partition for m in changelog} == {0}
     assert changelog[-1].key == click["click_id"].encode()
     assert changelog[-1].value == w.state[click["click_id"].encode()]
@@ -224,7 +231,9 @@ async def test_expire_gives_up_on_pending_postback_only_when_clicks_caught_up(wo
     assert (row["status"], row["conversion_id"]) == ("unknown_click", pb["postback_id"])
     key = missing["click_id"].encode()
     assert key not in w.state.data
-    tombstones = [m for m in w.sent if m.channel is w.state.changelog_topic and m.key == key]
+    tombstones = [
+        m for m in w.sent if m.topic == w.state.changelog_topic.get_topic_name() and m.key == key
+    ]
     assert tombstones[-1].value is None
 
 
@@ -317,6 +326,6 @@ async def test_a_fetched_batch_is_handled_record_by_record_on_its_partition(work
     rows = conversions(w)
     assert [r["conversion_id"] for r in rows] == [p["postback_id"] for p in postbacks]
     assert {r["status"] for r in rows} == {"attributed"}
-    changelog = [m for m in w.sent if m.channel is w.state.changelog_topic]
+    changelog = [m for m in w.sent if m.topic == w.state.changelog_topic.get_topic_name()]
     assert {m.partition for m in changelog} == {2}
     assert {loads(w.state[k])["p"] for k in keys} == {2}

@@ -31,6 +31,7 @@ from pipeline import codec
 from pipeline.config import Settings
 from pipeline.worker.consumer import App, handling
 from pipeline.worker.join import Joiner, txn_key
+from pipeline.worker.outputs import Changelogged, Outputs
 from pipeline.worker.recovery import TableManager
 from pipeline.worker.state import loads
 
@@ -103,14 +104,25 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     keys.labels("state").set_function(lambda: len(state.data))
     keys.labels("txns").set_function(lambda: len(txns.data))
 
+    outputs = app.outputs = Outputs(app, settings.kafka_partitions)
+    conversions_topic, txn_check_topic = conversions.get_topic_name(), txn_check.get_topic_name()
+    encode = codec.CONVERSION.encode
+
     def emit(row: dict) -> None:
         emitted.labels(row["status"]).inc()
-        conversions.send_soon(key=row["click_id"].encode(), value=codec.CONVERSION.encode(row))
+        outputs.add(conversions_topic, row["click_id"].encode(), encode(row))
 
     def check_txn(row: dict) -> None:
-        txn_check.send_soon(key=txn_key(row), value=codec.CONVERSION.encode(row))
+        outputs.add(txn_check_topic, txn_key(row), encode(row))
 
-    joiner = Joiner(settings, state, txns, emit, check_txn, margin_s=settings.state_margin)
+    joiner = Joiner(
+        settings,
+        Changelogged(state, outputs),
+        Changelogged(txns, outputs),
+        emit,
+        check_txn,
+        margin_s=settings.state_margin,
+    )
     clicks_seen: dict[int, int] = {}
 
     def clicks_caught_up(partition: int) -> bool:

@@ -110,6 +110,8 @@ class BatchConsumer(driver.Consumer):
                             break  # a rebalance: not acked, so the new owner replays them
                         chunk = messages[start : start + CHUNK]
                         handlers[tp.topic](chunk)
+                        if self.app.outputs is not None:
+                            await self.app.outputs.flush()  # sent before the inputs are acked
                         for message in chunk:
                             self.ack(message)
                         await asyncio.sleep(0)
@@ -197,6 +199,9 @@ class Transport(driver.Transport):
 
 class App(faust.App):
     """A Faust app whose consumer hands batch topics to `batch(topic)` handlers."""
+
+    #: where the batch handlers queue their writes (pipeline.worker.outputs.Outputs)
+    outputs = None
 
     def _new_transport(self):
         return Transport(self.conf.broker_consumer, self)

@@ -62,16 +62,19 @@ class ExpiryIndex:
             heapq.heappush(heap, (deadline, key))
 
     def ensure(self, partition: int, table: MutableMapping, deadline_of) -> None:
-        """Build the heap of `partition` from the table if it is not built yet."""
+        """Build the heap of `partition` from the table if it is not built yet, and
+        those of every other partition found in the same scan (one scan, not one per
+        partition: the table holds only the partitions this worker owns)."""
         if partition in self.heaps:
             return
-        heap = []
+        heaps: dict[int, list[tuple[int, bytes]]] = {partition: []}
         for key, raw in table.items():
             entry = loads(raw)
-            if entry["p"] == partition:
-                heap.append((deadline_of(entry), key))
-        heapq.heapify(heap)
-        self.heaps[partition] = heap
+            if entry["p"] not in self.heaps:
+                heaps.setdefault(entry["p"], []).append((deadline_of(entry), key))
+        for built, heap in heaps.items():
+            heapq.heapify(heap)
+            self.heaps[built] = heap
 
     def due(self, partition: int, now_ms: int) -> Iterable[bytes]:
         """Pop and yield the keys whose deadline has passed (each at most once per pop)."""

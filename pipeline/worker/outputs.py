@@ -1,0 +1,125 @@
+"""What the worker's handlers write to Kafka, sent as one record batch per partition.
+
+Faust sends each table write and each output through its producer buffer, one
+message, future and callback at a time. Here the handlers only append: `Outputs`
+keeps the records of the batch being handled per topic partition and, once the
+handler returned, hands each partition's records to aiokafka as one record batch
+(`send_batch`). The records are sent before their inputs are acked, and Faust
+flushes the producer before it commits offsets, so a commit never passes a write
+still in flight; a failed send stops the worker before anything after it is acked.
+
+`Changelogged` is the table a handler sees: reads and writes go to the Faust
+table's store, and every write also becomes a changelog record on the partition of
+the record being handled, exactly the record Faust itself would have written, so
+Faust's recovery restores the store from the changelog as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, MutableMapping
+
+from aiokafka.partitioner import murmur2
+from faust.streams import current_event
+from faust.types import TP
+
+# record batches sent and not yet acknowledged before the handlers wait for them
+MAX_IN_FLIGHT = 64
+
+
+class Outputs:
+    def __init__(self, app, partitions: int):
+        self.app = app
+        self.partitions = partitions
+        self.pending: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+        self.in_flight: list[asyncio.Future] = []
+        # topic -> called with (partition, last offset written) once a batch is stored
+        self.on_sent: dict[str, Callable[[TP, int], None]] = {}
+
+    def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> int:
+        """Queue one record; without a partition, the key's (Kafka's default partitioner).
+        Returns the partition."""
+        if partition is None:
+            partition = (murmur2(key) & 0x7FFFFFFF) % self.partitions
+        records = self.pending.get((topic, partition))
+        if records is None:
+            records = self.pending[(topic, partition)] = []
+        records.append((key, value))
+        return partition
+
+    async def flush(self) -> None:
+        """Hand every queued record to the producer, one batch per partition (or more
+        if a partition's records exceed the producer's batch size)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        producer = self.app.producer._producer  # aiokafka's, started with Faust's producer
+        for (topic, partition), records in pending.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    await self._send(producer, batch, topic, partition, count)
+                    batch, count = producer.create_batch(), 0
+                    batch.append(key=key, value=value, timestamp=None)
+                count += 1
+            await self._send(producer, batch, topic, partition, count)
+        await self._bound_in_flight()
+
+    async def _send(self, producer, batch, topic: str, partition: int, count: int) -> None:
+        batch.close()
+        future = await producer.send_batch(batch, topic, partition=partition)
+        on_sent = self.on_sent.get(topic)
+        if on_sent is not None:
+            tp = TP(topic, partition)
+            future.add_done_callback(
+                lambda f: f.exception() is None and on_sent(tp, f.result().offset + count - 1)
+            )
+        self.in_flight.append(future)
+
+    async def _bound_in_flight(self) -> None:
+        self.in_flight = [f for f in self.in_flight if not f.done() or f.exception()]
+        failed = [f for f in self.in_flight if f.done()]
+        if failed:
+            failed[0].result()  # raises: stop before the inputs are acked
+        if len(self.in_flight) > MAX_IN_FLIGHT:
+            done = self.in_flight
+            self.in_flight = []
+            await asyncio.gather(*done)
+
+
+class Changelogged(MutableMapping):
+    """A Faust table's store, each write also queued as a changelog record."""
+
+    def __init__(self, table, outputs: Outputs):
+        self.store = table.data
+        self.topic = table.changelog_topic.get_topic_name()
+        self.outputs = outputs
+        outputs.on_sent[self.topic] = self._persisted
+
+    def _persisted(self, tp: TP, offset: int) -> None:
+        # what Faust's own changelog callback records: the offset the store holds
+        # (RocksDB keeps it, so a restart replays the changelog from there only)
+        self.store.set_persisted_offset(tp, offset)
+
+    def __getitem__(self, key: bytes) -> bytes:
+        return self.store[key]
+
+    def get(self, key: bytes, default=None):
+        return self.store.get(key, default)
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.store[key] = value
+        self.outputs.add(self.topic, key, value, current_event().message.partition)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.store[key]
+        self.outputs.add(self.topic, key, None, current_event().message.partition)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def items(self):
+        return self.store.items()
