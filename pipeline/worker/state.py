@@ -15,17 +15,20 @@ the tombstone lands in the right changelog partition).
 from __future__ import annotations
 
 import heapq
-import json
 from collections.abc import Iterable, MutableMapping
 from decimal import Decimal
 
+import orjson
+
 
 def dumps(entry: dict) -> bytes:
-    return json.dumps(entry, separators=(",", ":"), default=str).encode()
+    # compact, a Decimal as its string; copied because orjson's bytes keep the
+    # capacity of its 4 KiB output buffer, ten times an entry, for as long as they live
+    return memoryview(orjson.dumps(entry, default=str)).tobytes()
 
 
 def loads(raw: bytes | None) -> dict | None:
-    return None if raw is None else json.loads(raw)
+    return None if raw is None else orjson.loads(raw)
 
 
 def postback_to_json(postback: dict) -> dict:
