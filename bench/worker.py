@@ -28,9 +28,12 @@ from bench.report import Figure
 from bench.stack import CpuMeter, Proc, Stack, cores_text, rss_kib
 from pipeline import kafka
 from pipeline.config import Settings
+from pipeline.embedded.kafka import free_port
 from pipeline.worker.app import TOPICS
 
 STATE_KEYS = 'pipeline_worker_state_keys{table="state"}'
+# the store the worker runs on: on disk, so memory stays flat as state grows
+STORE = "rocksdb://"
 
 
 async def watch_conversions(
@@ -100,9 +103,13 @@ def wait_state(settings: Settings, clicks: int, proc: Proc, timeout: float) -> d
         time.sleep(0.2)
 
 
-def prepare(stack: Stack, clicks: int):
+def prepare(stack: Stack, clicks: int, store: str = STORE):
     """A fresh config and topics holding `clicks` clicks and clicks/10 postbacks."""
-    path, settings = stack.config("worker")
+    path, settings = stack.config(
+        "worker",
+        worker=f'web_listen = "127.0.0.1:{free_port()}"\n'
+        f'data_dir = "{stack.workdir / "worker-data"}"\nstore = "{store}"',
+    )
     asyncio.run(kafka.ensure_topics(settings, TOPICS))
     counts = asyncio.run(data.produce(settings, data.clicks_and_postbacks(settings, clicks)))
     return path, settings, counts

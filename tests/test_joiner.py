@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import codec, config
+from pipeline.worker.expiry import DiskExpiryIndex
 from pipeline.worker.join import Joiner, txn_key
-from pipeline.worker.state import loads
+from pipeline.worker.state import ExpiryIndex, loads
 
 from .test_attribution import CLICK_TS, example_doc, make_click, make_postback
 
@@ -34,11 +35,33 @@ def short_settings(window="2s", grace="1s") -> config.Settings:
     return config.parse(doc)
 
 
-def make_joiner(settings, margin_s=3600, state=None, txns=None):
+@pytest.fixture(params=["heap", "disk"])
+def indexes(request, tmp_path):
+    """Expiry indexes of both kinds: heaps in memory, and RocksDB's on disk (the one
+    a worker with store = "rocksdb://" uses)."""
+    if request.param == "heap":
+        return lambda: None
+    made = []
+
+    def disk():
+        made.append(len(made))
+        n = made[-1]
+        return DiskExpiryIndex(tmp_path / f"state-{n}"), DiskExpiryIndex(tmp_path / f"txns-{n}")
+
+    return disk
+
+
+def built(index) -> set[int]:
+    return set(index.heaps) if isinstance(index, ExpiryIndex) else set(index.built)
+
+
+def make_joiner(settings, margin_s=3600, state=None, txns=None, indexes=None):
     emitted, checked = [], []
     state = {} if state is None else state
     txns = {} if txns is None else txns
-    joiner = Joiner(settings, state, txns, emitted.append, checked.append, margin_s=margin_s)
+    joiner = Joiner(
+        settings, state, txns, emitted.append, checked.append, margin_s=margin_s, indexes=indexes
+    )
     return SimpleNamespace(j=joiner, state=state, txns=txns, emitted=emitted, checked=checked)
 
 
@@ -310,9 +333,9 @@ def load_traffic(h, settings):
     return sent
 
 
-def test_state_is_bounded_by_window_grace_and_margin():
+def test_state_is_bounded_by_window_grace_and_margin(indexes):
     settings = short_settings()
-    h = make_joiner(settings, margin_s=1)
+    h = make_joiner(settings, margin_s=1, indexes=indexes())
     assert h.j.retention_ms == 4_000  # 2 s window + 1 s grace + 1 s margin
     sent = load_traffic(h, settings)
     assert len(h.state) == N_CLICKS
@@ -332,15 +355,15 @@ def test_state_is_bounded_by_window_grace_and_margin():
     assert set(statuses(h.emitted)) == {"attributed", "unknown_click"}
 
 
-def test_state_restored_from_changelog_still_expires():
+def test_state_restored_from_changelog_still_expires(indexes):
     """faust-streaming#385: a table rebuilt from its changelog must expire too. A new
     Joiner has no index; its first tick per partition rebuilds it from the table."""
     settings = short_settings()
-    before = make_joiner(settings, margin_s=1)
+    before = make_joiner(settings, margin_s=1, indexes=indexes())
     sent = load_traffic(before, settings)
     restored = dict(before.state)  # what the changelog restores
 
-    after = make_joiner(settings, margin_s=1, state=restored)
+    after = make_joiner(settings, margin_s=1, state=restored, indexes=indexes())
     assert after.j.state_index.size() == 0
     end = CLICK_TS + N_CLICKS + 5_000
     for partition in range(PARTITIONS):
@@ -352,22 +375,22 @@ def test_state_restored_from_changelog_still_expires():
     assert set(statuses(after.emitted)) == {"unknown_click"}
 
 
-def test_forget_after_revocation_then_rebuild_on_next_tick():
+def test_forget_after_revocation_then_rebuild_on_next_tick(indexes):
     settings = short_settings()
-    h = make_joiner(settings, margin_s=1)
+    h = make_joiner(settings, margin_s=1, indexes=indexes())
     clicks = [make_click(settings, ts_ms=CLICK_TS + i) for i in range(20)]
     for i, click in enumerate(clicks):
         h.j.on_click(i % 2, click)
     for partition in (0, 1):
         h.j.on_tick(partition, CLICK_TS, clicks_caught_up=True)  # builds both heaps
-    assert set(h.j.state_index.heaps) == {0, 1}
+    assert built(h.j.state_index) == {0, 1}
 
     h.j.forget([1])
-    assert set(h.j.state_index.heaps) == {0}
+    assert built(h.j.state_index) == {0}
     # partition 1 comes back (its table restored) with a key the index never saw
     late = make_click(settings, ts_ms=CLICK_TS + 100)
     h.j.on_click(1, late)
-    assert 1 not in h.j.state_index.heaps
+    assert 1 not in built(h.j.state_index)
 
     end = CLICK_TS + 100 + h.j.retention_ms
     h.j.on_tick(1, end, clicks_caught_up=True)

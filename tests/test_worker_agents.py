@@ -5,9 +5,9 @@ Each handler of `create_app(settings)` gets Avro bytes with a key in a Faust
 app's own Faust tables (memory store). No broker runs in these unit tests, so the
 producer is the one part missing: `app.outputs` queues each record the handlers
 write (conversions, txn-check and the tables' changelogs) and the tests read that
-queue, in order, instead of sending it to a broker. The expire handler also asks the consumer for the clicks
-highwater, a broker fact, so that one method is set per test. Every record is on
-partition 0 unless `put(partition=...)` says otherwise.
+queue, in order, instead of sending it to a broker. The expire handler also asks
+the consumer for the clicks highwater, a broker fact, so that one method is set per
+test. Every record is on partition 0 unless `put(partition=...)` says otherwise.
 """
 
 import time

@@ -17,6 +17,7 @@ offsets (at-least-once; conversion IDs make replays idempotent).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import faust
 from faust.types import TP
@@ -30,6 +31,7 @@ from prometheus_client import (
 from pipeline import codec
 from pipeline.config import Settings
 from pipeline.worker.consumer import App, handling
+from pipeline.worker.expiry import DiskExpiryIndex
 from pipeline.worker.join import Joiner, txn_key
 from pipeline.worker.outputs import Changelogged, Outputs
 from pipeline.worker.recovery import TableManager
@@ -47,6 +49,14 @@ TABLES = ["state", "txns"]
 # kafka.ensure_topics creates "-changelog" topics compacted, as Faust does.
 CHANGELOGS = [f"worker-{table}-changelog" for table in TABLES]
 TOPICS = ["clicks", "postbacks", "worker-ticks", "txn-check", "conversions", *CHANGELOGS]
+# RocksDB tables (store = "rocksdb://"): Faust's defaults give each partition's
+# database 3 write buffers of 64 MiB and a 2 GiB block cache, so memory grows with
+# the state up to gigabytes; these keep a worker's RocksDB memory to tens of MiB
+ROCKSDB_OPTIONS = {
+    "write_buffer_size": 4 << 20,
+    "max_write_buffer_number": 2,
+    "block_cache_size": 8 << 20,
+}
 
 
 def faust_settings(settings: Settings) -> dict:
@@ -83,8 +93,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     ticks = app.topic(settings.topic("worker-ticks"), **RAW)
     txn_check = app.topic(settings.topic("txn-check"), **RAW)
     conversions = app.topic(settings.topic("conversions"), **RAW)
-    state = app.Table(TABLES[0], default=None, partitions=settings.kafka_partitions, **RAW)
-    txns = app.Table(TABLES[1], default=None, partitions=settings.kafka_partitions, **RAW)
+    on_disk = not settings.worker_store.startswith("memory:")
+    tables = dict(default=None, partitions=settings.kafka_partitions, **RAW)
+    if on_disk:
+        tables["options"] = dict(ROCKSDB_OPTIONS)  # Faust's store pops keys from it
+    state = app.Table(TABLES[0], **tables)
+    txns = app.Table(TABLES[1], **tables)
     for table, changelog in zip((state, txns), CHANGELOGS, strict=True):
         assert table.changelog_topic.get_topic_name() == settings.topic(changelog), changelog
 
@@ -101,10 +115,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         ["table"],
         registry=registry,
     )
-    keys.labels("state").set_function(lambda: len(state.data))
-    keys.labels("txns").set_function(lambda: len(txns.data))
-
     outputs = app.outputs = Outputs(app, settings.kafka_partitions)
+    views = Changelogged(state, outputs), Changelogged(txns, outputs)
+    keys.labels("state").set_function(lambda: len(views[0]))
+    keys.labels("txns").set_function(lambda: len(views[1]))
     conversions_topic, txn_check_topic = conversions.get_topic_name(), txn_check.get_topic_name()
     encode = codec.CONVERSION.encode
 
@@ -115,13 +129,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     def check_txn(row: dict) -> None:
         outputs.add(txn_check_topic, txn_key(row), encode(row))
 
+    indexes = None
+    if on_disk:  # a heap item per key would be most of the memory a disk store saves
+        data = Path(app.conf.datadir)
+        indexes = tuple(DiskExpiryIndex(data / f"expiry-{table}") for table in TABLES)
     joiner = Joiner(
-        settings,
-        Changelogged(state, outputs),
-        Changelogged(txns, outputs),
-        emit,
-        check_txn,
-        margin_s=settings.state_margin,
+        settings, *views, emit, check_txn, margin_s=settings.state_margin, indexes=indexes
     )
     clicks_seen: dict[int, int] = {}
 
@@ -181,6 +194,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     async def on_revoked(app, revoked, **kwargs):
         partitions = {tp.partition for tp in revoked if tp.topic == ticks.get_topic_name()}
         joiner.forget(partitions)
+        for view in views:
+            view.forget(partitions)
         for partition in {tp.partition for tp in revoked}:
             clicks_seen.pop(partition, None)
         # the memory store keeps revoked keys; drop them so memory follows the assignment

@@ -31,10 +31,12 @@ import faust
 from faust.streams import _current_event
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
-from faust.types import Message
+from faust.types import TP, Message
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
+# a handler gets the records of one partition: aiokafka's ConsumerRecords (or Faust
+# Messages in tests), each with .topic, .partition, .offset, .key and .value
 BatchHandler = Callable[[list[Message]], None]
 
 # Faust's aiokafka driver hard-codes a 1.5 s fetch wait; Tansu answers a fetch only
@@ -77,8 +79,8 @@ class BatchConsumer(driver.Consumer):
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - Faust's loop, batched
         """Faust's `Consumer._drain_messages`, with the records of batch topics
         collected per fetch and handed over per topic and partition."""
-        getmany = self.getmany
         handlers = self.batch_handlers
+        to_message = self._to_message
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
@@ -86,25 +88,44 @@ class BatchConsumer(driver.Consumer):
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                ait = getmany(timeout=1.0)
                 await self.sleep(0)
                 if self.should_stop:
                     continue
+                # Faust's `getmany`, per partition instead of per record: a batch
+                # topic's records stay aiokafka's ConsumerRecords (topic, partition,
+                # offset, key, value), with no Faust message built for each
+                records, active = await self._wait_next_records(1.0)
+                if records is None or self.should_stop:
+                    continue
+                if not self.flow_active:
+                    await self._seek_back()
+                    continue
                 generation = self.app.consumer_generation_id
-                batches: dict[tuple[str, int], list[Message]] = {}
-                async for tp, message in ait:
-                    offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # read before (Faust: "DROPPED MESSAGE ROFF")
-                    gap = offset - (r_offset or 0)
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if message.topic in handlers:
-                        batches.setdefault(tp, []).append(message)
-                    else:
-                        await self.wait_first(self.callback(message), self.suspend_flow.wait())
-                    set_read_offset(tp, offset)
+                batches: dict[TP, list] = {}
+                for tp, fetched in records.items():
+                    if not self.flow_active or self.app.consumer_generation_id != generation:
+                        break  # a rebalance: the rest is fetched again after its seek
+                    if (
+                        active is not None
+                        and tp not in active
+                        and tp not in self._buffered_partitions
+                    ):
+                        continue
+                    self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    kept = batches.setdefault(tp, []) if tp.topic in handlers else None
+                    for record in fetched:
+                        offset = record.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # read before (Faust: "DROPPED MESSAGE ROFF")
+                        if offset - (r_offset or 0) > 1 and r_offset and acks_enabled_for(tp.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if kept is not None:
+                            kept.append(record)
+                        else:
+                            message = to_message(tp, record)
+                            await self.wait_first(self.callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
                 for tp, messages in batches.items():
                     for start in range(0, len(messages), CHUNK):
                         await wait_until_ebb()  # the producer buffer is the back-pressure
@@ -136,6 +157,14 @@ class BatchConsumer(driver.Consumer):
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
+    async def _seek_back(self) -> None:
+        """Faust's `getmany` with the flow stopped: back to the committed offsets."""
+        self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+        try:
+            await self.perform_seek()
+        except Exception as exc:  # noqa: BLE001 - Faust's own handling
+            self.log.warning(f"exception performing seek when flow not active {exc}")
+
     def _ack_all(self, tp, messages: list[Message]) -> None:
         """`Consumer.ack` for a chunk of one partition, under one lock: the offsets
         join Faust's acked set, from which its commits take the contiguous prefix."""
@@ -144,7 +173,6 @@ class BatchConsumer(driver.Consumer):
             index, acked = self._acked_index[tp], self._acked[tp]
             count = 0
             for message in messages:
-                message.acked = True
                 offset = message.offset
                 if (committed is None or offset >= committed) and offset not in index:
                     index.add(offset)

@@ -36,13 +36,15 @@ class Joiner:
         emit: Callable[[dict], None],
         check_txn: Callable[[dict], None],
         margin_s: float = 3600,
+        indexes: tuple | None = None,
     ):
         self.settings = settings
         self.state, self.txns = state, txns
         self.emit, self.check_txn = emit, check_txn
         self.retention_ms = int(attribution.state_retention_s(settings, margin_s) * 1000)
         self.grace_ms = int(settings.unknown_click_grace * 1000)
-        self.state_index, self.txn_index = ExpiryIndex(), ExpiryIndex()
+        # (state, txns) expiry indexes: in memory by default, on disk with a disk store
+        self.state_index, self.txn_index = indexes or (ExpiryIndex(), ExpiryIndex())
 
     # --- stage 1 -------------------------------------------------------------
 
@@ -88,7 +90,10 @@ class Joiner:
     def on_tick(self, partition: int, now_ms: int, clicks_caught_up: bool) -> None:
         """Expire due state of `partition`; give up on pending postbacks only when the
         clicks partition is caught up (a click still in the backlog is not missing)."""
-        self.state_index.ensure(partition, self.state, lambda e: next_deadline(e, self.grace_ms))
+        built = self.state_index.ensure(
+            partition, self.state, lambda e: next_deadline(e, self.grace_ms)
+        )
+        _recount(self.state, built)
         for key in list(self.state_index.due(partition, now_ms)):
             entry = loads(self.state.get(key))
             if entry is None:
@@ -145,7 +150,7 @@ class Joiner:
         self.emit(row)  # first time, or a replay of the owner: same conversion_id
 
     def on_txn_tick(self, partition: int, now_ms: int) -> None:
-        self.txn_index.ensure(partition, self.txns, lambda e: e["exp"])
+        _recount(self.txns, self.txn_index.ensure(partition, self.txns, lambda e: e["exp"]))
         for key in list(self.txn_index.due(partition, now_ms)):
             entry = loads(self.txns.get(key))
             if entry is not None and entry["exp"] <= now_ms:
@@ -155,6 +160,13 @@ class Joiner:
         """Partitions were revoked: their indexes are rebuilt if they come back."""
         self.state_index.forget(partitions)
         self.txn_index.forget(partitions)
+
+
+def _recount(table: MutableMapping, built: dict[int, int]) -> None:
+    """Tell a table that counts its keys (worker.outputs.Changelogged) what a scan found."""
+    recount = getattr(table, "recount", None)
+    if built and recount is not None:
+        recount(built)
 
 
 def txn_key(row: dict) -> bytes:

@@ -88,38 +88,69 @@ class Outputs:
 
 
 class Changelogged(MutableMapping):
-    """A Faust table's store, each write also queued as a changelog record."""
+    """A Faust table's store, each write also queued as a changelog record.
+
+    It also counts the live keys of each partition (the state-keys gauge), without
+    asking the store: RocksDB can only count by scanning. A write or delete follows a
+    read of the same key in every handler, so that read says whether the key is new;
+    after an assignment, `recount` sets each partition's count from the scan that
+    rebuilds its expiry index.
+    """
 
     def __init__(self, table, outputs: Outputs):
         self.store = table.data
         self.topic = table.changelog_topic.get_topic_name()
         self.outputs = outputs
         outputs.on_sent[self.topic] = self._persisted
+        self.live: dict[int, int] = {}
+        self._last: tuple[bytes | None, bool] = (None, False)  # last key read, found?
 
     def _persisted(self, tp: TP, offset: int) -> None:
         # what Faust's own changelog callback records: the offset the store holds
         # (RocksDB keeps it, so a restart replays the changelog from there only)
         self.store.set_persisted_offset(tp, offset)
 
+    def _known(self, key: bytes) -> bool:
+        last, found = self._last
+        return found if last == key else self.store.get(key) is not None
+
     def __getitem__(self, key: bytes) -> bytes:
         return self.store[key]
 
     def get(self, key: bytes, default=None):
-        return self.store.get(key, default)
+        value = self.store.get(key)
+        self._last = (key, value is not None)
+        return default if value is None else value
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
+        partition = current_event().message.partition
+        if not self._known(key):
+            self.live[partition] = self.live.get(partition, 0) + 1
         self.store[key] = value
-        self.outputs.add(self.topic, key, value, current_event().message.partition)
+        self._last = (key, True)
+        self.outputs.add(self.topic, key, value, partition)
 
     def __delitem__(self, key: bytes) -> None:
+        partition = current_event().message.partition
+        if self._known(key):
+            self.live[partition] = self.live.get(partition, 0) - 1
         del self.store[key]
-        self.outputs.add(self.topic, key, None, current_event().message.partition)
+        self._last = (key, False)
+        self.outputs.add(self.topic, key, None, partition)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.store)
 
     def __len__(self) -> int:
-        return len(self.store)
+        return sum(self.live.values())
 
     def items(self):
         return self.store.items()
+
+    def recount(self, counts: dict[int, int]) -> None:
+        """The live keys of partitions just scanned."""
+        self.live.update(counts)
+
+    def forget(self, partitions) -> None:
+        for partition in partitions:
+            self.live.pop(partition, None)

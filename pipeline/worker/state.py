@@ -64,12 +64,13 @@ class ExpiryIndex:
         if heap is not None:  # not built yet: the rebuild will find this key
             heapq.heappush(heap, (deadline, key))
 
-    def ensure(self, partition: int, table: MutableMapping, deadline_of) -> None:
+    def ensure(self, partition: int, table: MutableMapping, deadline_of) -> dict[int, int]:
         """Build the heap of `partition` from the table if it is not built yet, and
         those of every other partition found in the same scan (one scan, not one per
-        partition: the table holds only the partitions this worker owns)."""
+        partition: the table holds only the partitions this worker owns). Returns
+        the number of keys of each partition built (nothing if none was)."""
         if partition in self.heaps:
-            return
+            return {}
         heaps: dict[int, list[tuple[int, bytes]]] = {partition: []}
         for key, raw in table.items():
             entry = loads(raw)
@@ -78,6 +79,7 @@ class ExpiryIndex:
         for built, heap in heaps.items():
             heapq.heapify(heap)
             self.heaps[built] = heap
+        return {built: len(heap) for built, heap in heaps.items()}
 
     def due(self, partition: int, now_ms: int) -> Iterable[bytes]:
         """Pop and yield the keys whose deadline has passed (each at most once per pop)."""
