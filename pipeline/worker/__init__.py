@@ -1,1 +1,1 @@
-"""The attribution worker: Faust agents joining postbacks to clicks."""
+"""The attribution worker: Faust batch handlers joining postbacks to clicks."""

@@ -1,17 +1,19 @@
-"""The worker's wiring, all in one place: topics, tables, agents, timer, metrics.
+"""The worker's wiring, all in one place: topics, tables, handlers, timer, metrics.
 
     clicks ────────┐
-    postbacks ─────┼─► stage 1 agents ─► table `state` (by click_id) ─► conversions
+    postbacks ─────┼─► stage 1 handlers ─► table `state` (by click_id) ─► conversions
     worker-ticks ──┘        │ attributed with a txn_id
                             ▼
-    txn-check (by advertiser + txn_id) ─► stage 2 agent ─► table `txns` ─► conversions
+    txn-check (by advertiser + txn_id) ─► stage 2 handler ─► table `txns` ─► conversions
 
 clicks, postbacks, worker-ticks and txn-check have the same partition count
 (checked at start-up), so Faust assigns partition p of each to the same worker
-and the tables' changelogs line up with them. Every agent runs with
-concurrency 1 and its handlers never await between reading and writing state;
-outputs go through the producer buffer, which Faust flushes before it commits
-offsets (at-least-once; conversion IDs make replays idempotent).
+and the tables' changelogs line up with them. Each topic has one batch handler
+(worker.consumer): Faust's consumer hands it the records of one partition per
+fetch, and it never awaits, so nothing interleaves between reading and writing
+state. Table writes and outputs are queued in `Outputs` and sent, one record batch
+per partition, before the inputs are acked; Faust flushes the producer before it
+commits offsets (at-least-once; conversion IDs make replays idempotent).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ TABLES = ["state", "txns"]
 # responses for a second or more: the group leader then assigns without the changelogs
 # ("Ignoring missing topic") and its consumer keeps "0 partitions" for them until its
 # next metadata refresh (consumer_metadata_max_age_ms, 5 minutes), so every table write
-# raises PartitionsMismatch and the agents crash-loop on the leader's partitions.
+# raises PartitionsMismatch and the workers crash-loop on the leader's partitions.
 # kafka.ensure_topics creates "-changelog" topics compacted, as Faust does.
 CHANGELOGS = [f"worker-{table}-changelog" for table in TABLES]
 TOPICS = ["clicks", "postbacks", "worker-ticks", "txn-check", "conversions", *CHANGELOGS]
@@ -86,7 +88,7 @@ def faust_settings(settings: Settings) -> dict:
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
-    """The Faust app and the joiner behind its agents (tests drive either)."""
+    """The Faust app and the joiner behind its handlers (tests drive either)."""
     app = App(settings.topic("worker"), TableManager=TableManager, **faust_settings(settings))
     clicks = app.topic(settings.topic("clicks"), **RAW)
     postbacks = app.topic(settings.topic("postbacks"), **RAW)

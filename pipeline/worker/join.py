@@ -1,6 +1,6 @@
 """The join of postbacks to clicks, as handlers over plain mappings.
 
-The Faust agents (pipeline/worker/app.py) call these handlers with the
+The batch handlers (pipeline/worker/app.py) call these methods with the
 partition of the event and its decoded value; the handlers read and write the
 state mapping (a Faust table in production, a dict in tests) and hand results
 to `emit` (a final conversion) or `check_txn` (an attributed conversion whose

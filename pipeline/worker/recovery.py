@@ -17,7 +17,7 @@ class Recovery(faust.tables.recovery.Recovery):
     Faust's `Recovery.on_recovery_completed` resumes the stream partitions first and
     only then awaits `perform_seek` and calls `app.flow_control.resume()`. The consumer
     flow is already running (it was resumed to read the changelogs), so records that
-    aiokafka prefetched for those partitions during the recovery reach the agents'
+    aiokafka prefetched for those partitions during the recovery reach the streams'
     queues while `perform_seek` is awaited, and `flow_control.resume()` then empties
     those queues (they are `clear_on_resume`): dropped, never processed, never acked,
     while aiokafka's position has moved past them. Nothing seeks back (a partition
@@ -72,7 +72,7 @@ class Recovery(faust.tables.recovery.Recovery):
             self.log.info("Seek stream partitions to committed offsets.")
             await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
         self.completed.set()
-        app.flow_control.resume()  # clears the agents' queues: nothing of this generation yet
+        app.flow_control.resume()  # clears Faust's stream queues: nothing of this generation yet
         consumer.resume_partitions({tp for tp in assignment if not self._is_changelog_tp(tp)})
         consumer.resume_flow()
         await app._fetcher.maybe_start()

@@ -8,7 +8,7 @@ A state entry is JSON bytes (compact, and readable in the changelog topic):
 Faust's windowed tables may not expire keys restored from a changelog
 (faust-streaming#385), so expiry is ours: `ExpiryIndex` keeps a heap of
 deadlines per partition, rebuilt from the table after every assignment, and
-the agents delete due keys while handling a tick of that very partition (so
+the handlers delete due keys while handling a tick of that very partition (so
 the tombstone lands in the right changelog partition).
 """
 
