@@ -29,7 +29,7 @@ from bench.stack import CpuMeter, Proc, Stack, cores_text, rss_kib
 from pipeline import kafka
 from pipeline.config import Settings
 from pipeline.embedded.kafka import free_port
-from pipeline.worker.app import TOPICS
+from pipeline.worker.app import RELEASE_INTERVAL_S, TOPICS
 
 STATE_KEYS = 'pipeline_worker_state_keys{table="state"}'
 # the store the worker runs on: on disk, so memory stays flat as state grows
@@ -131,7 +131,9 @@ def run_worker(stack: Stack, path, settings: Settings, counts: dict, timeout: fl
         )
         cpu = meter.stop()
         samples = wait_state(settings, counts["clicks"], proc, 60)
-        time.sleep(1)  # let the last changelog batch and timers settle
+        # steady state: the last changelog batch sent, and the worker's periodic
+        # release of freed heap (RELEASE_INTERVAL_S) run once after the last record
+        time.sleep(RELEASE_INTERVAL_S + 1)
         rss = rss_kib(proc.pid)
     finally:
         stack.stop(proc)

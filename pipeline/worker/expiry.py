@@ -25,8 +25,10 @@ import rocksdict
 from pipeline.worker.state import loads
 
 _PREFIX = struct.Struct(">HQ")
-# RocksDB's memory for the index: small write buffers, no cache beyond the default
-WRITE_BUFFER_BYTES = 4 << 20
+# RocksDB's memory for the index: small write buffers and block cache (the index
+# is read in order, once per tick, from its oldest items)
+WRITE_BUFFER_BYTES = 2 << 20
+BLOCK_CACHE_BYTES = 1 << 20
 
 
 class DiskExpiryIndex:
@@ -38,6 +40,9 @@ class DiskExpiryIndex:
         options.create_if_missing(True)
         options.set_write_buffer_size(WRITE_BUFFER_BYTES)
         options.set_max_write_buffer_number(2)
+        table = rocksdict.BlockBasedOptions()
+        table.set_block_cache(rocksdict.Cache(BLOCK_CACHE_BYTES))
+        options.set_block_based_table_factory(table)
         self.db = rocksdict.Rdict(str(self.path), options)
         self.built: set[int] = set()
 
