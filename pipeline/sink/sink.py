@@ -3,12 +3,17 @@
 Checkpoint order, per batch:
   1. poll until the batch is full (`sink.batch_rows`) or old (`sink.batch_seconds`);
   2. insert every table's rows (clickhouse-connect, blocking on a thread), while
-     the next batch is polled and decoded;
+     the next batch is polled;
   3. commit the batch's own offsets (never those of the batch being polled).
 A crash between 2 and 3 replays the batch; the tables dedupe by ID
 (ReplacingMergeTree read with FINAL), so a replay changes nothing an analyst reads.
 An insert that fails is retried with backoff, never skipped: the sink stalls
 rather than loses rows, and its lag metric shows it.
+
+The sink decodes nothing: the message values are bare Avro bodies, so a
+table's batch is sent as one Avro container file of them, under the record's
+schema with fields named as columns (`rows.Table.avro_schema`), and ClickHouse
+decodes and shapes the rows (`INSERT INTO t (columns) FORMAT Avro`).
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ class Sink:
     def __init__(self, settings: Settings, routes: dict | None = None):
         self.settings = settings
         self.routes = routes or ROUTES
-        self.by_topic = {settings.topic(name): route for name, route in self.routes.items()}
-        self.tables = {table.name: table for _, table in self.routes.values()}
+        # topic -> (table, the container its bodies are sent in)
+        self.by_topic = {
+            settings.topic(name): (table, codec.Container(table.avro_schema(codec_.raw_schema)))
+            for name, (codec_, table) in self.routes.items()
+        }
         self.client = None
         self.consumer = None
 
@@ -83,9 +91,10 @@ class Sink:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(writing), 10)
 
-    async def _collect(self) -> tuple[dict[str, list[tuple]], dict]:
-        """Poll until the batch is full or old; return rows by table and the offsets to commit."""
-        batch: dict[str, list[tuple]] = {}
+    async def _collect(self) -> tuple[dict[str, list[bytes]], dict]:
+        """Poll until the batch is full or old; return message values by topic and
+        the offsets to commit."""
+        batch: dict[str, list[bytes]] = {}
         offsets: dict[TopicPartition, int] = {}
         count, deadline = 0, time.monotonic() + self.settings.sink_batch_seconds
         while count < self.settings.sink_batch_rows:
@@ -96,29 +105,28 @@ class Sink:
                 timeout_ms=int(left * 1000), max_records=self.settings.sink_batch_rows - count
             )
             for tp, messages in polled.items():
-                codec_, table = self.by_topic[tp.topic]
-                row, decode = table.row, codec_.decode
-                batch.setdefault(table.name, []).extend(row(decode(m.value)) for m in messages)
+                batch.setdefault(tp.topic, []).extend(m.value for m in messages)
                 offsets[tp] = messages[-1].offset + 1
                 count += len(messages)
         return batch, offsets
 
-    async def _checkpoint(self, batch: dict[str, list[tuple]], offsets: dict) -> None:
+    async def _checkpoint(self, batch: dict[str, list[bytes]], offsets: dict) -> None:
         if batch:
             await self._write(batch)
         if offsets:
             await self._commit(offsets)
 
-    async def _write(self, batch: dict[str, list[tuple]]) -> None:
-        for name, data in batch.items():
-            table = self.tables[name]
+    async def _write(self, batch: dict[str, list[bytes]]) -> None:
+        for topic, bodies in batch.items():
+            table, container = self.by_topic[topic]
             await self._retry(
-                f"insert {len(data)} rows into {name}",
+                f"insert {len(bodies)} rows into {table.name}",
                 functools.partial(
-                    self.client.insert,
-                    f"{self.settings.clickhouse_database}.{name}",
-                    data,
+                    self.client.raw_insert,
+                    f"{self.settings.clickhouse_database}.{table.name}",
                     list(table.columns),
+                    container.file(bodies),
+                    fmt="Avro",
                 ),
             )
 
