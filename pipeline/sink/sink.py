@@ -1,7 +1,10 @@
 """The warehouse sink: Kafka topics -> ClickHouse tables, in batches.
 
 Checkpoint order, per batch:
-  1. poll until the batch is full (`sink.batch_rows`) or old (`sink.batch_seconds`);
+  1. poll until the batch is full (`sink.batch_rows`) or old (`sink.batch_seconds`),
+     or the sink has caught up (every partition read to the end of its last fetch);
+     a batch that is not full is written at most once per `sink.batch_seconds`, so
+     low traffic still makes few, large inserts, and a drained backlog waits for nothing;
   2. insert every table's rows (clickhouse-connect, blocking on a thread), while
      the next batch is polled;
   3. commit the batch's own offsets (never those of the batch being polled).
@@ -54,6 +57,7 @@ class Sink:
         }
         self.client = None
         self.consumer = None
+        self._partial_at = float("-inf")  # when the last batch that was not full was cut
 
     async def start(self) -> None:
         s = self.settings
@@ -96,19 +100,38 @@ class Sink:
         the offsets to commit."""
         batch: dict[str, list[bytes]] = {}
         offsets: dict[TopicPartition, int] = {}
-        count, deadline = 0, time.monotonic() + self.settings.sink_batch_seconds
-        while count < self.settings.sink_batch_rows:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        size, period = self.settings.sink_batch_rows, self.settings.sink_batch_seconds
+        count, deadline = 0, time.monotonic() + period
+        early = self._partial_at + period  # a caught-up batch may not go before this
+        while count < size:
+            now = time.monotonic()
+            if now >= deadline or (count and now >= early and await self._caught_up()):
                 break
+            until = min(deadline, early) if count and now < early else deadline
             polled = await self.consumer.getmany(
-                timeout_ms=int(left * 1000), max_records=self.settings.sink_batch_rows - count
+                timeout_ms=max(1, int((until - now) * 1000)), max_records=size - count
             )
             for tp, messages in polled.items():
                 batch.setdefault(tp.topic, []).extend(m.value for m in messages)
                 offsets[tp] = messages[-1].offset + 1
                 count += len(messages)
+        if 0 < count < size:
+            self._partial_at = time.monotonic()
         return batch, offsets
+
+    async def _caught_up(self) -> bool:
+        """Whether every assigned partition has been read up to the high watermark
+        of its last fetch: nothing more is to be had without new messages."""
+        assigned = self.consumer.assignment()
+        try:
+            for tp in assigned:
+                high = self.consumer.highwater(tp)
+                if high is None or await self.consumer.position(tp) < high:
+                    return False
+        except (IllegalStateError, AssertionError):
+            # unassigned while position() waited (a rebalance); highwater() asserts
+            return False
+        return bool(assigned)
 
     async def _checkpoint(self, batch: dict[str, list[bytes]], offsets: dict) -> None:
         if batch:
