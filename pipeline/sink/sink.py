@@ -78,9 +78,10 @@ class Sink:
     async def run(self) -> None:
         """Consume forever; cancel to stop.
 
-        Batch N+1 is polled and decoded while batch N is being written, so the
-        insert's wait overlaps the CPU work. Batch N's offsets are committed after
-        its write and before batch N+1 is written: a crash replays, never skips.
+        Batch N+1 is polled while batch N is being written, so the insert's wait
+        overlaps the consumer's own work (fetching and unpacking records). Batch
+        N's offsets are committed after its write and before batch N+1 is
+        written: a crash replays, never skips.
         """
         writing: asyncio.Task | None = None
         try:
