@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -42,6 +44,43 @@ class Codec:
             if _is_decimal(field["type"]) and isinstance(out.get(field["name"]), str):
                 out[field["name"]] = Decimal(out[field["name"]])
         return out
+
+
+class Container:
+    """Bare bodies written with one schema -> an Avro Object Container File.
+
+    The file is the header (magic, `avro.schema`, `avro.codec` null, sync
+    marker) and one block: the body count, the byte count, the bodies
+    concatenated as they are, the sync marker again. No body is decoded, so a
+    batch costs a join. The header names the schema the bodies were *written*
+    with; it may rename fields or add logical types, which never change the
+    binary encoding. The header is built once.
+    """
+
+    def __init__(self, schema: dict):
+        self.schema = schema
+        self._sync = os.urandom(16)
+        meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": b"null"}
+        header = bytearray(b"Obj\x01") + _long(len(meta))
+        for key, value in meta.items():
+            header += _long(len(key)) + key + _long(len(value)) + value
+        self._header = bytes(header + _long(0) + self._sync)
+
+    def file(self, bodies: Sequence[bytes]) -> bytes:
+        """One file holding `bodies` in order (at least one)."""
+        data = b"".join(bodies)
+        return b"".join((self._header, _long(len(bodies)), _long(len(data)), data, self._sync))
+
+
+def _long(value: int) -> bytes:
+    """Avro's long: zig-zag, then little-endian base-128 varint."""
+    value = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _is_decimal(avro_type) -> bool:

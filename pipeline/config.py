@@ -121,7 +121,7 @@ class Settings:
     worker_data_dir: str = ".data/worker"
     state_margin: float = 3600.0
     tick_interval: float = 1.0
-    sink_batch_rows: int = 5000
+    sink_batch_rows: int = 50000
     sink_batch_seconds: float = 1.0
     callbacks_metrics_listen: str = ""  # host:port of the callbacks /metrics; "": none
 
@@ -344,7 +344,7 @@ def parse(data: dict) -> Settings:
         tick_interval=parse_duration(
             worker.get("tick_interval", str, "1s"), "worker.tick_interval"
         ),
-        sink_batch_rows=sink.get("batch_rows", int, 5000),
+        sink_batch_rows=sink.get("batch_rows", int, 50000),
         sink_batch_seconds=parse_duration(
             sink.get("batch_seconds", str, "1s"), "sink.batch_seconds"
         ),
