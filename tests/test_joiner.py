@@ -421,3 +421,18 @@ def test_pending_postback_near_retention_still_yields_one_row():
     h.j.on_tick(0, CLICK_TS + 40_000, clicks_caught_up=True)
     h.j.on_tick(0, CLICK_TS + 70_000, clicks_caught_up=True)
     assert len(h.emitted) == 1
+
+
+def test_prepare_indexes_assigned_partitions_in_one_scan(indexes):
+    """After an assignment the worker indexes its partitions before handling records;
+    partitions without keys count as indexed too, so no later tick scans again."""
+    settings = short_settings()
+    h = make_joiner(settings, margin_s=1, indexes=indexes())
+    clicks = [make_click(settings, ts_ms=CLICK_TS + i) for i in range(10)]
+    for click in clicks:
+        h.j.on_click(0, click)
+    restored = make_joiner(settings, margin_s=1, state=dict(h.state), indexes=indexes())
+    restored.j.prepare({0, 1, 2})
+    assert built(restored.j.state_index) == {0, 1, 2}
+    restored.j.on_tick(0, CLICK_TS + 10 + restored.j.retention_ms, clicks_caught_up=True)
+    assert restored.state == {}

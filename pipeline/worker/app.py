@@ -215,6 +215,11 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
             (the largest backlog ever read), not at what the state needs."""
             trim(0)
 
+    @app.on_rebalance_complete.connect
+    async def on_restored(app, **kwargs):
+        name = ticks.get_topic_name()
+        joiner.prepare({tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name})
+
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
         partitions = {tp.partition for tp in revoked if tp.topic == ticks.get_topic_name()}

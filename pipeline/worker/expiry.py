@@ -50,12 +50,14 @@ class DiskExpiryIndex:
         if partition in self.built:  # not built yet: the rebuild will find this key
             self.db.put(_PREFIX.pack(partition, max(deadline, 0)) + key, b"")
 
-    def ensure(self, partition: int, table: MutableMapping, deadline_of) -> dict[int, int]:
-        """Build the index of `partition` and of every other partition not built yet
-        from one scan of the table; returns the number of keys of each one built."""
+    def ensure(
+        self, partition: int, table: MutableMapping, deadline_of, also: Iterable[int] = ()
+    ) -> dict[int, int]:
+        """Build the index of `partition`, of `also` and of every other partition not
+        built yet from one scan of the table; returns the number of keys of each one."""
         if partition in self.built:
             return {}
-        found = {partition: 0}
+        found = {p: 0 for p in {partition, *also} if p not in self.built}
         for key, raw in table.items():
             entry = loads(raw)
             if entry["p"] not in self.built:

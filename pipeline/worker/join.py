@@ -156,6 +156,17 @@ class Joiner:
             if entry is not None and entry["exp"] <= now_ms:
                 del self.txns[key]
 
+    def prepare(self, partitions) -> None:
+        """Partitions were assigned and their tables restored: index them now, before
+        their records are handled (a tick would otherwise scan a table that has grown)."""
+        partitions = sorted(partitions)
+        if not partitions:
+            return
+        first, rest = partitions[0], partitions[1:]
+        deadline = lambda e: next_deadline(e, self.grace_ms)  # noqa: E731
+        _recount(self.state, self.state_index.ensure(first, self.state, deadline, rest))
+        _recount(self.txns, self.txn_index.ensure(first, self.txns, lambda e: e["exp"], rest))
+
     def forget(self, partitions) -> None:
         """Partitions were revoked: their indexes are rebuilt if they come back."""
         self.state_index.forget(partitions)

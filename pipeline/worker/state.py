@@ -64,14 +64,19 @@ class ExpiryIndex:
         if heap is not None:  # not built yet: the rebuild will find this key
             heapq.heappush(heap, (deadline, key))
 
-    def ensure(self, partition: int, table: MutableMapping, deadline_of) -> dict[int, int]:
+    def ensure(
+        self, partition: int, table: MutableMapping, deadline_of, also: Iterable[int] = ()
+    ) -> dict[int, int]:
         """Build the heap of `partition` from the table if it is not built yet, and
         those of every other partition found in the same scan (one scan, not one per
         partition: the table holds only the partitions this worker owns). Returns
-        the number of keys of each partition built (nothing if none was)."""
+        the number of keys of each partition built (nothing if none was). `also`:
+        more partitions to build in the same scan, found in the table or not."""
         if partition in self.heaps:
             return {}
-        heaps: dict[int, list[tuple[int, bytes]]] = {partition: []}
+        heaps: dict[int, list[tuple[int, bytes]]] = {
+            p: [] for p in {partition, *also} if p not in self.heaps
+        }
         for key, raw in table.items():
             entry = loads(raw)
             if entry["p"] not in self.heaps:
