@@ -166,8 +166,11 @@ class CallbackService:
             self._drain()
             fetching = self._flow_control()
             timeout_ms = self._poll_ms()
-            if not fetching:
-                # nothing to read: wait for room (a lane, the window) or a due time
+            if not fetching or self.backlog:
+                # nothing to read, or heads wait for a full lane: wait for room (a lane,
+                # the window) or a due time here, not in the poll, which a lane getting
+                # room does not end (the lane would run dry meanwhile); fetched records
+                # of the other partitions are taken by the poll below all the same
                 self.wake.clear()
                 try:
                     async with asyncio.timeout(timeout_ms / 1000):
