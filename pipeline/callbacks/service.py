@@ -65,6 +65,9 @@ RETRY = "callbacks-retry-"
 COMMIT_INTERVAL = 0.5
 HOLD = 1.0  # seconds a partition may wait for a full lane (see the module docstring)
 HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
+# what is read: the amounts of a campaign repeat, so their Decimals come from a cache
+CONVERSION_READER = codec.Codec("conversion", cached_decimals=True)
+TASK_READER = codec.Codec("callback_task", cached_decimals=True)
 
 
 def retry_topic(n: int) -> str:
@@ -291,7 +294,7 @@ class CallbackService:
         """The task of a message, or None when it needs no work (marked skipped)."""
         try:
             if tp.topic == self.conversions:
-                conversion = codec.CONVERSION.decode(message.value)
+                conversion = CONVERSION_READER.decode(message.value)
                 if not tasks.wants_callback(conversion, self.settings.publishers):
                     if conversion["status"] == "attributed" and (
                         conversion["pub"] not in self.settings.publishers
@@ -304,7 +307,7 @@ class CallbackService:
                     tracker.skip(message.offset)
                     return None
                 return tasks.from_conversion(conversion)
-            return codec.CALLBACK_TASK.decode(message.value)
+            return TASK_READER.decode(message.value)
         except Exception:  # noqa: BLE001 - one bad record must not stop every callback
             log.exception("undecodable record %s@%d skipped", tp, message.offset)
             tracker.skip(message.offset)
