@@ -7,12 +7,12 @@
           └──────── `pipeline callbacks-replay` ◄───────┘
 
 Checkpoint order, per message: make the attempt; publish its outcome (attempt
-row, plus the next retry task or the dead letter; acks=all; `outbox.Outbox`
-batches the outcomes of many messages); only then mark the offset finished.
-Offsets are committed every half second up to the lowest unfinished offset of
-each partition (`offsets.Tracker`), so a crash redoes unfinished messages and
-loses none: at-least-once, with the conversion ID as
-Idempotency-Key on every attempt.
+row, plus the next retry task or the dead letter; acks=all); only then mark the
+offset finished (`attempts.Attempts` makes and publishes them, `outbox.Outbox`
+batches the outcomes of many messages). Offsets are committed every half second
+up to the lowest unfinished offset of each partition (`offsets.Tracker`), so a
+crash redoes unfinished messages and loses none: at-least-once, with the
+conversion ID as Idempotency-Key on every attempt.
 
 Durable retries: retry n of every callback goes to `callbacks-retry-<n>`, all
 with the same delay, so within a partition `not_before_ms` grows with the
@@ -39,20 +39,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from functools import partial
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from pipeline import codec, kafka
-from pipeline.callbacks import policy, request
+from pipeline.callbacks import request
 from pipeline.callbacks import task as tasks
-from pipeline.callbacks.deliver import Deliverer
+from pipeline.callbacks.attempts import Attempts, now_ms
 from pipeline.callbacks.lanes import Job, Lane
 from pipeline.callbacks.metrics import CallbackMetrics
 from pipeline.callbacks.offsets import Tracker
-from pipeline.callbacks.outbox import Outbox
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
@@ -86,10 +84,6 @@ def park_delay(settings: Settings) -> float:
     return settings.retry_schedule[0] if settings.retry_schedule else 1.0
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 _TAKEN, _REWOUND, _HELD = "taken", "rewound", "held"  # what became of a message read
 
 
@@ -109,12 +103,8 @@ class CallbackService:
         }
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
-        self._counters: dict[tuple, object] = {}  # labelled metric children
-        self.deliverer = Deliverer(settings.callback_timeout, settings.allow_private_networks)
         self.conversions = settings.topic(CONVERSIONS)
-        self._topics = {name: settings.topic(name) for name in topics(settings)}
         self.trackers: dict[TopicPartition, Tracker] = {}
-        self.workers: set[asyncio.Task] = set()  # at most `concurrency` per lane
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
         # head waits for a full lane)
@@ -123,17 +113,23 @@ class CallbackService:
         self.held: dict[TopicPartition, tuple[int, dict]] = {}  # decoded head of a backlog
         self.wake = asyncio.Event()  # a lane has room again, or the window has
         self.in_flight = 0
-        self.failure: BaseException | None = None
-        self.consumer = self.producer = self.outbox = None
+        self.attempts = Attempts(
+            settings,
+            self.metrics,
+            {"attempts": settings.topic(ATTEMPTS), "dead": settings.topic(DEAD)},
+            lambda n: settings.topic(retry_topic(n)),
+            park_delay(settings),
+            self._finish,
+            self.wake,
+        )
+        self.consumer = self.producer = None
 
     async def start(self) -> None:
         s = self.settings
         await kafka.ensure_topics(s, topics(s))
         self.producer = kafka.producer(s)
         await self.producer.start()
-        self.outbox = Outbox(self.producer)
-        self.outbox.start()
-        await self.deliverer.start()
+        await self.attempts.start(self.producer)
         self.consumer = kafka.consumer(s, s.topic(GROUP), [])
         await self.consumer.start()
         # retry topics of a longer, older schedule may still hold tasks: drain them too
@@ -146,26 +142,20 @@ class CallbackService:
         published (bounded), commit, close."""
         for lane in self.lanes.values():
             self._dropped(lane.drop(lambda _: False))
-        if self.workers:
-            await asyncio.wait(list(self.workers), timeout=self.settings.callback_timeout + 5)
-        if self.outbox is not None:
-            await self.outbox.drain(timeout=10)
+        await self.attempts.stop(timeout=self.settings.callback_timeout + 5)
         if self.consumer is not None:
             await self.commit()
             await self.consumer.stop()
-        if self.outbox is not None:
-            await self.outbox.close()
+        await self.attempts.close()
         if self.producer is not None:
             await self.producer.stop()
-        await self.deliverer.close()
 
     async def run(self) -> None:
         """Consume until cancelled; raises what a callback job raised (a bug)."""
         last_commit = time.monotonic()
         while True:
-            failure = self.failure or self.outbox.failure
-            if failure is not None:
-                raise failure
+            if self.attempts.failure is not None:
+                raise self.attempts.failure
             self._drain()
             fetching = self._flow_control()
             timeout_ms = self._poll_ms()
@@ -261,15 +251,12 @@ class CallbackService:
         lane = self.lanes.get(task["pub"])
         job = Job(tp, message.offset, tracker, task)
         if lane is None:
-            work = self._unknown_publisher
+            work = self.attempts.unknown_publisher
         elif not lane.full:
             tracker.start(message.offset)
             self.in_flight += 1
             lane.parking = False
-            if lane.take(job, now):
-                worker = asyncio.create_task(self._work(lane))
-                self.workers.add(worker)
-                worker.add_done_callback(self._worker_done)
+            self.attempts.take(lane, job, now)
             return _TAKEN
         elif lane.backlog_seconds(now) < self.hold:
             self.held[tp] = (message.offset, task)
@@ -284,7 +271,7 @@ class CallbackService:
                     lane.pending,
                     retry_topic(1),
                 )
-            work = self._park
+            work = self.attempts.park
         tracker.start(message.offset)
         self.in_flight += 1
         work(job)
@@ -326,93 +313,6 @@ class CallbackService:
         if jobs:
             self.in_flight -= len(jobs)
             self.wake.set()
-
-    def _worker_done(self, worker: asyncio.Task) -> None:
-        self.workers.discard(worker)
-        if not worker.cancelled() and worker.exception() is not None:
-            log.error("callback worker failed", exc_info=worker.exception())
-            self.failure = self.failure or worker.exception()
-            self.wake.set()
-
-    async def _work(self, lane: Lane) -> None:
-        """One of a lane's workers: requests its queued jobs one at a time."""
-        try:
-            while lane.queue:
-                job = lane.queue.popleft()
-                publisher = self.settings.publishers[job.task["pub"]]
-                req = request.build(publisher, job.task, int(time.time()))
-                try:
-                    attempt = await self.deliverer.send(req, lane.redact(req.url))
-                finally:
-                    if lane.release(time.monotonic()):
-                        self.wake.set()
-                self._conclude(job, attempt)
-        finally:
-            lane.workers -= 1
-
-    def _unknown_publisher(self, job: Job) -> None:
-        error = f"publisher {job.task['pub']!r} is not in the configuration"
-        self._conclude(job, policy.Attempt(policy.PERMANENT, None, error, now_ms(), 0, ""))
-
-    def _conclude(self, job: Job, attempt: policy.Attempt) -> None:
-        """Publish the outcome of an attempt (attempt row, next retry or dead letter)."""
-        step = policy.step(job.task, attempt, self.settings.retry_schedule, now_ms())
-        out = [(ATTEMPTS, codec.CALLBACK, step.record)]
-        if step.task is not None:
-            out.append((retry_topic(step.retry), codec.CALLBACK_TASK, step.task))
-        if step.dead is not None:
-            out.append((DEAD, codec.CALLBACK_TASK, step.dead))
-        self._publish(job, out, partial(self._concluded, job, step))
-
-    def _concluded(self, job: Job, step: policy.Step) -> None:
-        record = step.record
-        self._child(self.metrics.attempts, record["pub"], record["outcome"]).inc()
-        if step.dead is not None:
-            self._child(self.metrics.dead, record["pub"]).inc()
-        # the callbacks table has every attempt; the log keeps what needs a look
-        log.log(
-            logging.DEBUG if record["outcome"] == "delivered" else logging.INFO,
-            "callback %s pub=%s attempt=%d %s status=%s %dms %s",
-            record["conversion_id"],
-            record["pub"],
-            record["attempt"],
-            record["outcome"],
-            record["status_code"],
-            record["duration_ms"],
-            record["error"],
-        )
-        self._finish(job)
-
-    def _child(self, metric, *labels: str):
-        counter = self._counters.get((metric, labels))
-        if counter is None:
-            counter = self._counters[metric, labels] = metric.labels(*labels)
-        return counter
-
-    def _park(self, job: Job) -> None:
-        parked = policy.deferred(job.task, now_ms(), park_delay(self.settings))
-        self._publish(
-            job, [(retry_topic(1), codec.CALLBACK_TASK, parked)], partial(self._parked, job)
-        )
-
-    def _parked(self, job: Job) -> None:
-        self._child(self.metrics.deferred, job.task["pub"]).inc()
-        self._finish(job)
-
-    def _publish(self, job: Job, out: list[tuple[str, codec.Codec, dict]], done) -> None:
-        """Hand the records to the outbox; `done` runs once Kafka has all of them.
-
-        Every record of a callback goes to the partition number its message came
-        from, in every topic (all have `kafka.partitions`): a callback keeps to one
-        partition through its retries, and no key is hashed per record.
-        """
-        partition = job.tp.partition % self.settings.kafka_partitions
-        key = job.task["conversion_id"].encode()
-        records = [
-            (self._topics.get(name) or self.settings.topic(name), partition, key, c.encode(value))
-            for name, c, value in out
-        ]
-        self.outbox.put(records, done)
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         """Commit, per partition, everything below its lowest unfinished offset."""
