@@ -11,7 +11,8 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from decimal import Decimal
+from decimal import Context, Decimal
+from functools import lru_cache
 from pathlib import Path
 
 import fastavro
@@ -20,14 +21,34 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
 class Codec:
-    """Encode and decode one record type; the schema is parsed once."""
+    """Encode and decode one record type; the schema is parsed once.
 
-    def __init__(self, name: str):
+    With `cached_decimals`, `decode` reads the record's decimal fields as their
+    bytes and turns them into the same Decimal values through a cache: for a
+    consumer of many records with few distinct amounts (a campaign's payouts),
+    where building Decimals is a third of the decoding time.
+    """
+
+    def __init__(self, name: str, cached_decimals: bool = False):
         self.name = name
         with open(SCHEMA_DIR / f"{name}.avsc") as f:
             self.raw_schema = json.load(f)
         self.schema = fastavro.parse_schema(self.raw_schema)
         self.fields = tuple(field["name"] for field in self.raw_schema["fields"])
+        self._read_schema, self._decimals = self.schema, ()
+        if cached_decimals:
+            plain = [f for f in self.raw_schema["fields"] if _is_bytes_decimal(f["type"])]
+            self._decimals = tuple(
+                (f["name"], f["type"]["precision"], f["type"].get("scale", 0)) for f in plain
+            )
+            # the same binary encoding, read as bytes
+            raw = {
+                **self.raw_schema,
+                "fields": [
+                    {**f, "type": "bytes"} if f in plain else f for f in self.raw_schema["fields"]
+                ],
+            }
+            self._read_schema = fastavro.parse_schema(raw)
 
     def encode(self, record: dict) -> bytes:
         out = io.BytesIO()
@@ -35,7 +56,12 @@ class Codec:
         return out.getvalue()
 
     def decode(self, payload: bytes) -> dict:
-        return fastavro.schemaless_reader(io.BytesIO(payload), self.schema, self.schema)
+        if not self._decimals:
+            return fastavro.schemaless_reader(io.BytesIO(payload), self.schema, self.schema)
+        record = fastavro.schemaless_reader(io.BytesIO(payload), self._read_schema, None)
+        for name, precision, scale in self._decimals:
+            record[name] = _decimal(record[name], precision, scale)
+        return record
 
     def from_json(self, obj: dict) -> dict:
         """A record from JSON (example files): decimal fields are written as strings."""
@@ -81,6 +107,22 @@ def _long(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _is_bytes_decimal(avro_type) -> bool:
+    """A decimal field that is not in a union (its bytes are the whole field)."""
+    return (
+        isinstance(avro_type, dict)
+        and avro_type.get("type") == "bytes"
+        and avro_type.get("logicalType") == "decimal"
+    )
+
+
+@lru_cache(maxsize=4096)
+def _decimal(data: bytes, precision: int, scale: int) -> Decimal:
+    """What fastavro makes of a bytes decimal (Decimals are immutable: shared freely)."""
+    context = Context(prec=precision)
+    return context.create_decimal(int.from_bytes(data, "big", signed=True)).scaleb(-scale, context)
 
 
 def _is_decimal(avro_type) -> bool:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
 _FORMATTER = string.Formatter()
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote(safe="") never changes
 
 
 def template_fields(template: str) -> list[str]:
@@ -46,9 +48,19 @@ def check_url_template(template: str, allowed: Iterable[str]) -> None:
 def fill(template: str, values: Mapping[str, object]) -> str:
     """Fill macros with percent-encoded values; a macro without a value becomes empty."""
     out = []
-    for literal, name, _, _ in _FORMATTER.parse(template):
+    for literal, name in _parts(template):
         out.append(literal)
         if name is not None:
             value = values.get(name)
-            out.append("" if value is None else quote(str(value), safe=""))
+            if value is None:
+                continue
+            text = str(value)
+            # quote() leaves unreserved characters alone: skip its cost when all are
+            out.append(text if _UNRESERVED.fullmatch(text) else quote(text, safe=""))
     return "".join(out)
+
+
+@lru_cache(maxsize=4096)
+def _parts(template: str) -> tuple[tuple[str, str | None], ...]:
+    # templates come from the configuration: a few, each filled again and again
+    return tuple((literal, name) for literal, name, _, _ in _FORMATTER.parse(template))

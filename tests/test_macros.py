@@ -1,3 +1,5 @@
+from urllib.parse import quote
+
 import pytest
 
 from pipeline import macros
@@ -10,6 +12,12 @@ def test_fill_percent_encodes_and_empties_missing():
         {"click_id": "ab-_9", "sub1": "a b&c=d/é"},
     )
     assert url == "https://x.example/a?c=ab-_9&s=a%20b%26c%3Dd%2F%C3%A9&t="
+
+
+def test_fill_encodes_exactly_what_quote_encodes():
+    for value in ["AZaz09_.~-", "a+b", "1.5%", "x\ny", "~user", "ü", "", 2, None]:
+        expected = "" if value is None else quote(str(value), safe="")
+        assert macros.fill("https://x.example/?v={v}", {"v": value}).endswith("?v=" + expected)
 
 
 def test_fill_keeps_literal_text():

@@ -1,6 +1,7 @@
 """Every example message round-trips through its schema, and the Python side agrees."""
 
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import fastavro
@@ -46,3 +47,19 @@ def test_rows_match_schema_and_table(name, table):
     for path in (codec.SCHEMA_DIR / "examples" / name).glob("*.json"):
         row = table.row(c.decode(c.encode(c.from_json(json.loads(path.read_text())))))
         assert len(row) == len(table.columns)
+
+
+@pytest.mark.parametrize("name", ["conversion", "callback_task"])
+def test_cached_decimals_decode_the_same_values(name):
+    plain, cached = CODECS[name], codec.Codec(name, cached_decimals=True)
+    for path in (codec.SCHEMA_DIR / "examples" / name).glob("*.json"):
+        record = plain.from_json(json.loads(path.read_text()))
+        for amount in ("0", "2", "1.998", "-3.5", "123456789012.123456"):
+            record = {**record, "revenue": Decimal(amount), "payout": Decimal(amount)}
+            payload = plain.encode(record)
+            for _ in range(2):  # the second read comes from the cache
+                decoded = cached.decode(payload)
+                assert decoded == plain.decode(payload)
+                assert {k: str(v) for k, v in decoded.items()} == {
+                    k: str(v) for k, v in plain.decode(payload).items()
+                }

@@ -12,6 +12,7 @@ followed; proxies and cookies from the environment are never used.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -111,8 +112,21 @@ class Deliverer:
 
 
 def _check_literal(host: str) -> None:
+    reason = _literal_refusal(host)
+    if reason:
+        raise ssrf.Blocked(reason)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_refusal(host: str) -> str | None:
+    """Why an IP-literal host is refused (None for names: the resolver checks them).
+    A pure function of the text, so cached: no parse and no exception per request."""
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return  # a name: the resolver checks it
-    ssrf.check(host, [host])
+        return None
+    try:
+        ssrf.check(host, [host])
+    except ssrf.Blocked as e:
+        return str(e)
+    return None

@@ -16,13 +16,12 @@ rewrites the same row instead of adding one.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DELIVERED, RETRYABLE, PERMANENT, BLOCKED = "delivered", "retryable", "permanent", "blocked"
 
 
-@dataclass(frozen=True)
-class Attempt:
+class Attempt(NamedTuple):  # a tuple: built once per attempt, cheaper than a dataclass
     """What one try found (built by the I/O edge, judged here)."""
 
     kind: str
@@ -33,8 +32,7 @@ class Attempt:
     url: str  # redacted
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """Everything to publish after an attempt; the input offset may be committed
     only once all of it is acknowledged."""
 

@@ -8,10 +8,11 @@
 
 Checkpoint order, per message: make the attempt; publish its outcome (attempt
 row, plus the next retry task or the dead letter; acks=all); only then mark the
-offset finished. Offsets are committed every half second up to the lowest
-unfinished offset of each partition (`offsets.Tracker`), so a crash redoes
-unfinished messages and loses none: at-least-once, with the conversion ID as
-Idempotency-Key on every attempt.
+offset finished (`attempts.Attempts` makes and publishes them, `outbox.Outbox`
+batches the outcomes of many messages). Offsets are committed every half second
+up to the lowest unfinished offset of each partition (`offsets.Tracker`), so a
+crash redoes unfinished messages and loses none: at-least-once, with the
+conversion ID as Idempotency-Key on every attempt.
 
 Durable retries: retry n of every callback goes to `callbacks-retry-<n>`, all
 with the same delay, so within a partition `not_before_ms` grows with the
@@ -38,16 +39,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from pipeline import codec, kafka
-from pipeline.callbacks import policy, request
+from pipeline.callbacks import request
 from pipeline.callbacks import task as tasks
-from pipeline.callbacks.deliver import Deliverer
+from pipeline.callbacks.attempts import Attempts, now_ms
+from pipeline.callbacks.lanes import Job, Lane
 from pipeline.callbacks.metrics import CallbackMetrics
 from pipeline.callbacks.offsets import Tracker
 from pipeline.config import Settings
@@ -62,6 +63,9 @@ RETRY = "callbacks-retry-"
 COMMIT_INTERVAL = 0.5
 HOLD = 1.0  # seconds a partition may wait for a full lane (see the module docstring)
 HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
+# what is read: the amounts of a campaign repeat, so their Decimals come from a cache
+CONVERSION_READER = codec.Codec("conversion", cached_decimals=True)
+TASK_READER = codec.Codec("callback_task", cached_decimals=True)
 
 
 def retry_topic(n: int) -> str:
@@ -78,50 +82,6 @@ def topics(settings: Settings) -> list[str]:
 def park_delay(settings: Settings) -> float:
     """How long a deferred task waits: the first retry delay (the topic it goes to)."""
     return settings.retry_schedule[0] if settings.retry_schedule else 1.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Lane:
-    """One publisher's share of the service."""
-
-    def __init__(self, concurrency: int, limit: int, redact: Callable[[str], str]):
-        self.slots = asyncio.Semaphore(concurrency)
-        self.redact = redact  # the URL as logged
-        self.limit = limit  # at most this many queued or running
-        self.pending = 0
-        self.busy_since = 0.0  # when pending last went from 0 to 1 (monotonic)
-        # the last `limit` finishes of this busy spell: how long a full lane took to drain
-        self.finished: deque[float] = deque(maxlen=max(2, limit))
-        self.parking = False  # parks tasks (said once in the log per spell)
-
-    @property
-    def full(self) -> bool:
-        return self.pending >= self.limit
-
-    def take(self, now: float) -> None:
-        if self.pending == 0:
-            self.busy_since = now
-            self.finished.clear()
-        self.pending += 1
-
-    def release(self, now: float) -> bool:
-        """One request done; True when the lane has room for a batch of waiting tasks."""
-        self.pending -= 1
-        self.finished.append(now)
-        return self.pending == self.limit - max(1, self.limit // 4)
-
-    def backlog_seconds(self, now: float) -> float:
-        """How long the lane would take to finish what it holds at its recent pace,
-        and at least how long it has gone without finishing anything."""
-        last = self.finished[-1] if self.finished else self.busy_since
-        estimate = now - max(last, self.busy_since)
-        if len(self.finished) >= 2:
-            pace = (self.finished[-1] - self.finished[0]) / (len(self.finished) - 1)
-            estimate = max(estimate, pace * self.pending)
-        return estimate
 
 
 _TAKEN, _REWOUND, _HELD = "taken", "rewound", "held"  # what became of a message read
@@ -143,12 +103,8 @@ class CallbackService:
         }
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
-        self._counters: dict[tuple[str, str], object] = {}  # labelled attempt counters
-        self.deliverer = Deliverer(settings.callback_timeout, settings.allow_private_networks)
         self.conversions = settings.topic(CONVERSIONS)
         self.trackers: dict[TopicPartition, Tracker] = {}
-        self.jobs: dict[TopicPartition, set[asyncio.Task]] = {}
-        self.started: set[asyncio.Task] = set()  # jobs past their lane's queue
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
         # head waits for a full lane)
@@ -157,7 +113,15 @@ class CallbackService:
         self.held: dict[TopicPartition, tuple[int, dict]] = {}  # decoded head of a backlog
         self.wake = asyncio.Event()  # a lane has room again, or the window has
         self.in_flight = 0
-        self.failure: BaseException | None = None
+        self.attempts = Attempts(
+            settings,
+            self.metrics,
+            {"attempts": settings.topic(ATTEMPTS), "dead": settings.topic(DEAD)},
+            lambda n: settings.topic(retry_topic(n)),
+            park_delay(settings),
+            self._finish,
+            self.wake,
+        )
         self.consumer = self.producer = None
 
     async def start(self) -> None:
@@ -165,7 +129,7 @@ class CallbackService:
         await kafka.ensure_topics(s, topics(s))
         self.producer = kafka.producer(s)
         await self.producer.start()
-        await self.deliverer.start()
+        await self.attempts.start(self.producer)
         self.consumer = kafka.consumer(s, s.topic(GROUP), [])
         await self.consumer.start()
         # retry topics of a longer, older schedule may still hold tasks: drain them too
@@ -174,31 +138,32 @@ class CallbackService:
         self.consumer.subscribe([self.conversions, *sorted(wanted)], listener=_Rebalance(self))
 
     async def stop(self) -> None:
-        """Drop queued work, let running requests finish (bounded), commit, close."""
-        for jobs in list(self.jobs.values()):
-            for job in jobs - self.started:
-                job.cancel()
-        running = [job for jobs in self.jobs.values() for job in jobs]
-        if running:
-            await asyncio.wait(running, timeout=self.settings.callback_timeout + 5)
+        """Drop queued work, let running requests finish and their outcomes be
+        published (bounded), commit, close."""
+        for lane in self.lanes.values():
+            self._dropped(lane.drop(lambda _: False))
+        await self.attempts.stop(timeout=self.settings.callback_timeout + 5)
         if self.consumer is not None:
             await self.commit()
             await self.consumer.stop()
+        await self.attempts.close()
         if self.producer is not None:
             await self.producer.stop()
-        await self.deliverer.close()
 
     async def run(self) -> None:
         """Consume until cancelled; raises what a callback job raised (a bug)."""
         last_commit = time.monotonic()
         while True:
-            if self.failure is not None:
-                raise self.failure
+            if self.attempts.failure is not None:
+                raise self.attempts.failure
             self._drain()
             fetching = self._flow_control()
             timeout_ms = self._poll_ms()
-            if not fetching:
-                # nothing to read: wait for room (a lane, the window) or a due time
+            if not fetching or self.backlog:
+                # nothing to read, or heads wait for a full lane: wait for room (a lane,
+                # the window) or a due time here, not in the poll, which a lane getting
+                # room does not end (the lane would run dry meanwhile); fetched records
+                # of the other partitions are taken by the poll below all the same
                 self.wake.clear()
                 try:
                     async with asyncio.timeout(timeout_ms / 1000):
@@ -269,7 +234,6 @@ class CallbackService:
         tracker = self.trackers.get(tp)
         if tracker is None:
             tracker = self.trackers[tp] = Tracker()
-            self.jobs[tp] = set()
         held = self.held.pop(tp, None)
         if held is not None and held[0] == message.offset:
             task = held[1]  # decoded when it first waited
@@ -285,12 +249,15 @@ class CallbackService:
             self.consumer.pause(tp)
             return _REWOUND
         lane = self.lanes.get(task["pub"])
+        job = Job(tp, message.offset, tracker, task)
         if lane is None:
-            work = self._unknown_publisher(task)
+            work = self.attempts.unknown_publisher
         elif not lane.full:
-            lane.take(now)
+            tracker.start(message.offset)
+            self.in_flight += 1
             lane.parking = False
-            work = self._attempt(lane, task)
+            self.attempts.take(lane, job, now)
+            return _TAKEN
         elif lane.backlog_seconds(now) < self.hold:
             self.held[tp] = (message.offset, task)
             return _HELD  # the lane drains fast: wait for it
@@ -304,20 +271,17 @@ class CallbackService:
                     lane.pending,
                     retry_topic(1),
                 )
-            work = self._park(task)
+            work = self.attempts.park
         tracker.start(message.offset)
         self.in_flight += 1
-        job = asyncio.create_task(work)
-        jobs = self.jobs[tp]
-        jobs.add(job)
-        job.add_done_callback(lambda j: self._done(j, jobs, tracker, message.offset))
+        work(job)
         return _TAKEN
 
     def _decode(self, tp: TopicPartition, message, tracker: Tracker) -> dict | None:
         """The task of a message, or None when it needs no work (marked skipped)."""
         try:
             if tp.topic == self.conversions:
-                conversion = codec.CONVERSION.decode(message.value)
+                conversion = CONVERSION_READER.decode(message.value)
                 if not tasks.wants_callback(conversion, self.settings.publishers):
                     if conversion["status"] == "attributed" and (
                         conversion["pub"] not in self.settings.publishers
@@ -330,101 +294,25 @@ class CallbackService:
                     tracker.skip(message.offset)
                     return None
                 return tasks.from_conversion(conversion)
-            return codec.CALLBACK_TASK.decode(message.value)
+            return TASK_READER.decode(message.value)
         except Exception:  # noqa: BLE001 - one bad record must not stop every callback
             log.exception("undecodable record %s@%d skipped", tp, message.offset)
             tracker.skip(message.offset)
             return None
 
-    def _done(self, job: asyncio.Task, jobs: set, tracker: Tracker, offset: int) -> None:
-        jobs.discard(job)
-        self.started.discard(job)
+    def _finish(self, job: Job) -> None:
+        """The outcome of `job` is durable: its offset may be committed."""
+        job.tracker.finish(job.offset)
         self.in_flight -= 1
         if self.in_flight + self.backlogged == self.window - 1:
             self.wake.set()  # the window has room again
-        if job.cancelled():
-            return  # not finished: the offset stays uncommitted and is redone
-        if job.exception() is not None:
-            log.error("callback job failed", exc_info=job.exception())
-            self.failure = self.failure or job.exception()
-            return
-        tracker.finish(offset)
 
-    async def _attempt(self, lane: Lane, task: dict) -> None:
-        try:
-            async with lane.slots:
-                self.started.add(asyncio.current_task())
-                publisher = self.settings.publishers[task["pub"]]
-                req = request.build(publisher, task, int(time.time()))
-                attempt = await self.deliverer.send(req, lane.redact(req.url))
-        finally:
-            if lane.release(time.monotonic()):
-                self.wake.set()
-        await self._conclude(task, attempt)
-
-    async def _unknown_publisher(self, task: dict) -> None:
-        self.started.add(asyncio.current_task())
-        error = f"publisher {task['pub']!r} is not in the configuration"
-        await self._conclude(task, policy.Attempt(policy.PERMANENT, None, error, now_ms(), 0, ""))
-
-    async def _conclude(self, task: dict, attempt: policy.Attempt) -> None:
-        step = policy.step(task, attempt, self.settings.retry_schedule, now_ms())
-        out = [(ATTEMPTS, codec.CALLBACK, step.record)]
-        if step.task is not None:
-            out.append((retry_topic(step.retry), codec.CALLBACK_TASK, step.task))
-        if step.dead is not None:
-            out.append((DEAD, codec.CALLBACK_TASK, step.dead))
-        await self._publish(out)
-        record = step.record
-        self._attempts(record["pub"], record["outcome"]).inc()
-        if step.dead is not None:
-            self.metrics.dead.labels(record["pub"]).inc()
-        # the callbacks table has every attempt; the log keeps what needs a look
-        log.log(
-            logging.DEBUG if record["outcome"] == "delivered" else logging.INFO,
-            "callback %s pub=%s attempt=%d %s status=%s %dms %s",
-            record["conversion_id"],
-            record["pub"],
-            record["attempt"],
-            record["outcome"],
-            record["status_code"],
-            record["duration_ms"],
-            record["error"],
-        )
-
-    def _attempts(self, pub: str, outcome: str):
-        counter = self._counters.get((pub, outcome))
-        if counter is None:
-            counter = self._counters[pub, outcome] = self.metrics.attempts.labels(pub, outcome)
-        return counter
-
-    async def _park(self, task: dict) -> None:
-        self.started.add(asyncio.current_task())
-        parked = policy.deferred(task, now_ms(), park_delay(self.settings))
-        await self._publish([(retry_topic(1), codec.CALLBACK_TASK, parked)])
-        self.metrics.deferred.labels(task["pub"]).inc()
-
-    async def _publish(self, out: list[tuple[str, codec.Codec, dict]]) -> None:
-        """Publish and wait for every acknowledgement; retries until Kafka takes it
-        (a redelivered duplicate is harmless, a dropped outcome is not)."""
-        delay = 0.2
-        while True:
-            try:
-                sent = [
-                    await self.producer.send(
-                        self.settings.topic(name),
-                        c.encode(value),
-                        key=value["conversion_id"].encode(),
-                    )
-                    for name, c, value in out
-                ]
-                for ack in sent:
-                    await ack  # all were sent before the first wait: one round trip
-                return
-            except KafkaError as e:
-                log.warning("publishing callback outcome failed (%s); retrying in %.1fs", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+    def _dropped(self, jobs: list[Job]) -> None:
+        """Queued jobs dropped before their request: their offsets stay unfinished
+        (uncommitted), so whoever owns the partition next redoes them."""
+        if jobs:
+            self.in_flight -= len(jobs)
+            self.wake.set()
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         """Commit, per partition, everything below its lowest unfinished offset."""
@@ -447,13 +335,11 @@ class CallbackService:
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Before a rebalance: drop queued work of these partitions, commit what is done."""
-        for tp in partitions:
-            for job in self.jobs.get(tp, set()) - self.started:
-                job.cancel()
+        for lane in self.lanes.values():
+            self._dropped(lane.drop(lambda job: job.tp not in partitions))
         await self.commit(only=set(partitions))
         for tp in partitions:
             self.trackers.pop(tp, None)
-            self.jobs.pop(tp, None)
             self.delayed.pop(tp, None)
             self.backlogged -= len(self.backlog.pop(tp, ()))
             self.held.pop(tp, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
+from functools import lru_cache
 
 from pipeline.config import Publisher
 
@@ -57,6 +58,7 @@ def from_conversion(conversion: Mapping) -> dict:
     return task
 
 
+@lru_cache(maxsize=4096)  # payouts and revenues repeat: a few distinct amounts
 def money(value: Decimal) -> str:
     """Plain notation, at least two decimals, no trailing zeros beyond: 2 -> "2.00",
     1.998000 -> "1.998" (never "2E+1")."""
@@ -79,7 +81,11 @@ def fields(task: Mapping) -> dict[str, str | int | None]:
         "conversion_id": task["conversion_id"],
         "campaign_id": task["campaign_id"],
         "pub": task["pub"],
-        **{f"sub{i}": task[f"sub{i}"] for i in range(1, 6)},
+        "sub1": task["sub1"],
+        "sub2": task["sub2"],
+        "sub3": task["sub3"],
+        "sub4": task["sub4"],
+        "sub5": task["sub5"],
         "event": task["event"],
         "txn_id": task["txn_id"],
         "revenue": money(task["revenue"]),
