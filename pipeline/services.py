@@ -191,11 +191,4 @@ def serve(name: str, settings: Settings) -> None:
             await run(real)
 
     Path(settings.spool_dir).mkdir(parents=True, exist_ok=True)
-    if name == "callbacks":
-        # CPU-bound in the event loop (a request and a Kafka record per callback)
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-        return
     asyncio.run(main())
