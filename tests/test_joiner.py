@@ -436,3 +436,22 @@ def test_prepare_indexes_assigned_partitions_in_one_scan(indexes):
     assert built(restored.j.state_index) == {0, 1, 2}
     restored.j.on_tick(0, CLICK_TS + 10 + restored.j.retention_ms, clicks_caught_up=True)
     assert restored.state == {}
+
+
+def test_pending_postback_waits_out_a_long_backlog_then_is_answered_within_grace(settings):
+    """While the clicks are behind, a pending postback is checked again after 1 s,
+    2 s, 4 s... up to the grace (a backlog of them costs a few passes, not one a
+    second); once the clicks catch up it is answered within one grace."""
+    h = make_joiner(settings)
+    click = make_click(settings)  # never reaches the worker
+    pb = make_postback(settings, click)
+    h.j.on_postback(0, pb)
+    due = pb["received_at_ms"] + GRACE_MS
+    for now in range(due, due + 120_000, 250):  # two minutes behind, a tick every 250 ms
+        h.j.on_tick(0, now, clicks_caught_up=False)
+    assert h.emitted == [] and entry(h, click) is not None
+    assert h.j.recheck_ms[0] == GRACE_MS
+
+    h.j.on_tick(0, due + 120_000 + GRACE_MS, clicks_caught_up=True)
+    assert [r["status"] for r in h.emitted] == ["unknown_click"]
+    assert 0 not in h.j.recheck_ms

@@ -29,6 +29,7 @@ _PREFIX = struct.Struct(">HQ")
 # is read in order, once per tick, from its oldest items)
 WRITE_BUFFER_BYTES = 2 << 20
 BLOCK_CACHE_BYTES = 1 << 20
+BATCH_ITEMS = 1000
 
 
 class DiskExpiryIndex:
@@ -45,10 +46,20 @@ class DiskExpiryIndex:
         options.set_block_based_table_factory(table)
         self.db = rocksdict.Rdict(str(self.path), options)
         self.built: set[int] = set()
+        # items pushed since the last write: one WriteBatch is 4x cheaper than a put
+        # each, and the index is read only on ticks (every read writes them first)
+        self._batch = rocksdict.WriteBatch(raw_mode=True)
 
     def push(self, partition: int, deadline: int, key: bytes) -> None:
         if partition in self.built:  # not built yet: the rebuild will find this key
-            self.db.put(_PREFIX.pack(partition, max(deadline, 0)) + key, b"")
+            self._batch.put(_PREFIX.pack(partition, max(deadline, 0)) + key, b"")
+            if self._batch.len() >= BATCH_ITEMS:
+                self._write()
+
+    def _write(self) -> None:
+        if not self._batch.is_empty():
+            self.db.write(self._batch)
+            self._batch = rocksdict.WriteBatch(raw_mode=True)
 
     def ensure(
         self, partition: int, table: MutableMapping, deadline_of, also: Iterable[int] = ()
@@ -57,6 +68,7 @@ class DiskExpiryIndex:
         built yet from one scan of the table; returns the number of keys of each one."""
         if partition in self.built:
             return {}
+        self._write()
         found = {p: 0 for p in {partition, *also} if p not in self.built}
         for key, raw in table.items():
             entry = loads(raw)
@@ -70,6 +82,7 @@ class DiskExpiryIndex:
         """Pop and yield the keys whose deadline has passed."""
         if partition not in self.built:
             return
+        self._write()
         start = _PREFIX.pack(partition, 0)
         end = _PREFIX.pack(partition, max(now_ms + 1, 0))
         popped = []
@@ -87,6 +100,7 @@ class DiskExpiryIndex:
             yield item[_PREFIX.size :]
 
     def forget(self, partitions: Iterable[int]) -> None:
+        self._write()
         for partition in partitions:
             if partition in self.built:
                 self.built.discard(partition)
@@ -94,7 +108,9 @@ class DiskExpiryIndex:
 
     def size(self) -> int:
         """Items in the index, stale ones included (a scan: for tests and tools)."""
+        self._write()
         return sum(1 for _ in self.db.keys())
 
     def close(self) -> None:
+        self._write()
         self.db.close()

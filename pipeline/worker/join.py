@@ -26,6 +26,9 @@ from pipeline.worker.state import (
     postback_to_json,
 )
 
+# the first wait before a pending postback is checked again while its clicks are behind
+RECHECK_MS = 1000
+
 
 class Joiner:
     def __init__(
@@ -45,6 +48,10 @@ class Joiner:
         self.grace_ms = int(settings.unknown_click_grace * 1000)
         # (state, txns) expiry indexes: in memory by default, on disk with a disk store
         self.state_index, self.txn_index = indexes or (ExpiryIndex(), ExpiryIndex())
+        # partition -> how long a pending postback waits before its next check while
+        # the clicks are behind: doubles per check, up to the grace, so a backlog of
+        # pending postbacks costs a few passes, not one every second
+        self.recheck_ms: dict[int, int] = {}
 
     # --- stage 1 -------------------------------------------------------------
 
@@ -94,12 +101,18 @@ class Joiner:
             partition, self.state, lambda e: next_deadline(e, self.grace_ms)
         )
         _recount(self.state, built)
+        if clicks_caught_up:
+            self.recheck_ms.pop(partition, None)
+            recheck = RECHECK_MS
+        else:
+            recheck = self.recheck_ms.get(partition, RECHECK_MS // 2) * 2
+            self.recheck_ms[partition] = min(recheck, max(self.grace_ms, RECHECK_MS))
         for key in list(self.state_index.due(partition, now_ms)):
             entry = loads(self.state.get(key))
             if entry is None:
                 continue
             if entry["q"] and not clicks_caught_up:
-                self.state_index.push(partition, now_ms + 1000, key)
+                self.state_index.push(partition, now_ms + recheck, key)
                 continue
             keep = []
             for postback in entry["q"]:
@@ -171,6 +184,8 @@ class Joiner:
         """Partitions were revoked: their indexes are rebuilt if they come back."""
         self.state_index.forget(partitions)
         self.txn_index.forget(partitions)
+        for partition in partitions:
+            self.recheck_ms.pop(partition, None)
 
 
 def _recount(table: MutableMapping, built: dict[int, int]) -> None:
