@@ -99,6 +99,12 @@ class Changelogged(MutableMapping):
 
     def __init__(self, table, outputs: Outputs):
         self.store = table.data
+        # the bytes underneath Faust's store (keys and values are raw bytes, so
+        # Faust's (de)serializing layers only cost time): the memory store's dict,
+        # or the RocksDB database of a partition
+        raw = getattr(self.store, "data", None)
+        self._raw: dict | None = raw if isinstance(raw, dict) else None
+        self._db_for_partition = getattr(self.store, "_db_for_partition", None)
         self.topic = table.changelog_topic.get_topic_name()
         self.outputs = outputs
         outputs.on_sent[self.topic] = self._persisted
@@ -110,31 +116,44 @@ class Changelogged(MutableMapping):
         # (RocksDB keeps it, so a restart replays the changelog from there only)
         self.store.set_persisted_offset(tp, offset)
 
-    def _known(self, key: bytes) -> bool:
+    def _bytes(self, partition: int):
+        """The raw mapping holding `partition`'s keys (get, __setitem__, __delitem__)."""
+        if self._raw is not None:
+            return self._raw
+        if self._db_for_partition is not None:
+            return self._db_for_partition(partition)
+        return self.store  # another store: through Faust's layers
+
+    def _known(self, raw, key: bytes) -> bool:
         last, found = self._last
-        return found if last == key else self.store.get(key) is not None
+        return found if last == key else raw.get(key) is not None
 
     def __getitem__(self, key: bytes) -> bytes:
-        return self.store[key]
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
 
     def get(self, key: bytes, default=None):
-        value = self.store.get(key)
+        value = self._bytes(current_event().message.partition).get(key)
         self._last = (key, value is not None)
         return default if value is None else value
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         partition = current_event().message.partition
-        if not self._known(key):
+        raw = self._bytes(partition)
+        if not self._known(raw, key):
             self.live[partition] = self.live.get(partition, 0) + 1
-        self.store[key] = value
+        raw[key] = value
         self._last = (key, True)
         self.outputs.add(self.topic, key, value, partition)
 
     def __delitem__(self, key: bytes) -> None:
         partition = current_event().message.partition
-        if self._known(key):
+        raw = self._bytes(partition)
+        if self._known(raw, key):
             self.live[partition] = self.live.get(partition, 0) - 1
-        del self.store[key]
+            del raw[key]
         self._last = (key, False)
         self.outputs.add(self.topic, key, None, partition)
 
