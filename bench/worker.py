@@ -122,7 +122,8 @@ def prepare(stack: Stack, clicks: int, store: str = STORE):
 def run_worker(stack: Stack, path, settings: Settings, counts: dict, timeout: float) -> dict:
     """Start a worker on prepared topics; time it; read its RSS once all is done."""
     started = time.monotonic()
-    proc = stack.pipeline("worker", path, name=f"worker-{counts['clicks']}")
+    store = settings.worker_store.split(":")[0]
+    proc = stack.pipeline("worker", path, name=f"worker-{store}-{counts['clicks']}")
     try:
         meter = CpuMeter({"worker": proc.pid, "broker": stack.kafka.proc.pid})
 
