@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline import codec, kafka, macros, requests
 from pipeline.config import Settings
 from pipeline.ingress.metrics import IngressMetrics
+from pipeline.ingress.publisher import Publisher
 from pipeline.ingress.spool import Spool
 from pipeline.requests import Rejected
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 SETTINGS = web.AppKey("settings", Settings)
 PRODUCER = web.AppKey("producer", object)
+PUBLISHER = web.AppKey("publisher", Publisher)
 METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
 
@@ -43,11 +45,10 @@ def error(rejection: Rejected) -> web.Response:
 
 async def publish(app: web.Application, topic: str, key: bytes, value: bytes) -> None:
     """Send and wait for the acks=all acknowledgement; raise Unavailable if none comes."""
-    settings = app[SETTINGS]
     started = time.perf_counter()
     try:
         # bounded by the producer's request_timeout_ms; no wait_for: it costs a task per request
-        await app[PRODUCER].send_and_wait(settings.topic(topic), value, key=key)
+        await app[PUBLISHER].publish(app[SETTINGS].topic(topic), key, value)
     except (KafkaError, TimeoutError) as e:
         raise Unavailable(f"{type(e).__name__}: {e}") from e
     app[METRICS].publish_seconds.labels(topic).observe(time.perf_counter() - started)
@@ -199,9 +200,11 @@ async def _kafka_ctx(app: web.Application):
     producer = kafka.producer(settings)
     await producer.start()
     app[PRODUCER] = producer
+    app[PUBLISHER] = publisher = Publisher(producer)
     drainer = asyncio.create_task(_spool_drainer(app))
     yield
     drainer.cancel()
+    await publisher.flush()
     await producer.stop()
 
 
