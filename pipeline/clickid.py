@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -26,14 +27,23 @@ _RAW_LEN = _TS_LEN + _NONCE_LEN + _MAC_LEN
 ENCODED_LEN = 36
 # a click from the future is forged or the issuer's clock is broken; allow small skew
 _MAX_FUTURE_MS = 5 * 60 * 1000
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class InvalidClickId(ValueError):
     """The string is not a click ID this deployment issued."""
 
 
+@functools.lru_cache(maxsize=64)
+def _keyed(secret: str) -> hmac.HMAC:
+    # the key schedule once per secret; every MAC starts from a copy (half the cost)
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
+
+
 def _mac(secret: str, body: bytes) -> bytes:
-    return hmac.new(secret.encode(), body, hashlib.sha256).digest()[:_MAC_LEN]
+    h = _keyed(secret).copy()
+    h.update(body)
+    return h.digest()[:_MAC_LEN]
 
 
 def issue(secrets: Sequence[str], now_ms: int | None = None, nonce: bytes | None = None) -> str:
@@ -51,13 +61,17 @@ def verify(click_id: str, secrets: Sequence[str], now_ms: int | None = None) -> 
     if not isinstance(click_id, str) or len(click_id) != ENCODED_LEN:
         raise InvalidClickId("click_id has the wrong length")
     try:
-        raw = base64.urlsafe_b64decode(click_id.encode("ascii"))
+        # what base64.urlsafe_b64decode does, without its three Python-level calls
+        raw = binascii.a2b_base64(click_id.encode("ascii").translate(_FROM_URLSAFE))
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise InvalidClickId("click_id is not base64url") from None
     if len(raw) != _RAW_LEN:
         raise InvalidClickId("click_id has the wrong length")
     body, mac = raw[: _TS_LEN + _NONCE_LEN], raw[_TS_LEN + _NONCE_LEN :]
-    if not any(hmac.compare_digest(mac, _mac(s, body)) for s in secrets):
+    for secret in secrets:
+        if hmac.compare_digest(mac, _mac(secret, body)):
+            break
+    else:
         raise InvalidClickId("click_id signature does not match any configured secret")
     ts = int.from_bytes(body[:_TS_LEN], "big")
     now = int(time.time() * 1000) if now_ms is None else now_ms

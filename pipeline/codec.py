@@ -17,6 +17,8 @@ from pathlib import Path
 
 import fastavro
 
+from pipeline import avro
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
@@ -49,8 +51,15 @@ class Codec:
                 ],
             }
             self._read_schema = fastavro.parse_schema(raw)
+        # byte-for-byte fastavro's output, at about half the cost (the ingress's hot path)
+        self._fast_encode = avro.record_encoder(self.raw_schema)
 
     def encode(self, record: dict) -> bytes:
+        if self._fast_encode is not None:
+            try:
+                return self._fast_encode(record)
+            except (TypeError, AttributeError, KeyError, ValueError, OverflowError):
+                pass  # an unusual value: fastavro encodes it, or says what is wrong, as before
         out = io.BytesIO()
         fastavro.schemaless_writer(out, self.schema, record)
         return out.getvalue()

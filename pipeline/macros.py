@@ -7,14 +7,15 @@ so no URL ever leaves with a literal `{...}` in it.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
 _FORMATTER = string.Formatter()
-_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote(safe="") never changes
+# what quote(value, safe="") leaves as it is (RFC 3986 unreserved characters)
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
 def template_fields(template: str) -> list[str]:
@@ -45,22 +46,22 @@ def check_url_template(template: str, allowed: Iterable[str]) -> None:
         raise ValueError(f"{template!r} is not an http(s) URL with a host")
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed(template: str) -> tuple[tuple[str, str | None], ...]:
+    # templates come from the config: parse each once, not per click
+    return tuple((literal, name) for literal, name, _, _ in _FORMATTER.parse(template))
+
+
 def fill(template: str, values: Mapping[str, object]) -> str:
     """Fill macros with percent-encoded values; a macro without a value becomes empty."""
     out = []
-    for literal, name in _parts(template):
+    for literal, name in _parsed(template):
         out.append(literal)
         if name is not None:
             value = values.get(name)
             if value is None:
                 continue
-            text = str(value)
-            # quote() leaves unreserved characters alone: skip its cost when all are
+            text = value if isinstance(value, str) else str(value)
+            # most values (IDs) need no escaping; quote() costs a microsecond to say so
             out.append(text if _UNRESERVED.fullmatch(text) else quote(text, safe=""))
     return "".join(out)
-
-
-@lru_cache(maxsize=4096)
-def _parts(template: str) -> tuple[tuple[str, str | None], ...]:
-    # templates come from the configuration: a few, each filled again and again
-    return tuple((literal, name) for literal, name, _, _ in _FORMATTER.parse(template))

@@ -23,6 +23,7 @@ MAX_TXN_LEN = 128
 MAX_REVENUE = Decimal("999999999999")  # Decimal(18, 6) holds 12 integer digits
 REVENUE_EXP = Decimal("0.000001")
 REDACTED_PARAMS = frozenset({"token"})
+SUB_PARAMS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 POSTBACK_PARAMS = ("token", "click_id", "event", "txn_id", "revenue", "currency")
 
 
@@ -50,7 +51,31 @@ def client_ip(remote: str, forwarded_for: str | None, trusted: Sequence) -> str:
     return ip
 
 
+# id(networks) -> (networks, {ip: answer}); the entry holds `networks`, so its id
+# cannot be reused by another object while the entry exists
+_IN_CACHE: dict[int, tuple[Sequence, dict[str, bool]]] = {}
+_IN_CACHE_IPS = 4096
+
+
 def _in(ip: str, networks: Sequence) -> bool:
+    """Is `ip` in one of `networks`? Answers are memoized per (networks, ip): parsing
+    an address and testing it against networks costs more than the rest of a
+    postback's checks, and the addresses that send postbacks are few."""
+    entry = _IN_CACHE.get(id(networks))
+    if entry is None or entry[0] is not networks:
+        if len(_IN_CACHE) >= 64:
+            _IN_CACHE.clear()  # only tests make many settings objects
+        entry = _IN_CACHE[id(networks)] = (networks, {})
+    known = entry[1]
+    answer = known.get(ip)
+    if answer is None:
+        if len(known) >= _IN_CACHE_IPS:
+            known.clear()  # many client IPs (clicks behind proxies): start over, stay bounded
+        answer = known[ip] = _in_uncached(ip, networks)
+    return answer
+
+
+def _in_uncached(ip: str, networks: Sequence) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -83,29 +108,34 @@ def click_record(
         raise Rejected(400, "missing_param", "pub is required")
     if pub not in settings.publishers:
         raise Rejected(404, "unknown_publisher", f"no publisher {pub!r}")
-    subs = {}
-    for i in range(1, 6):
-        value = params.get(f"sub{i}", "")
-        if len(value) > MAX_SUB_LEN:
-            raise Rejected(400, "invalid_param", f"sub{i} is longer than {MAX_SUB_LEN} characters")
-        subs[f"sub{i}"] = value
     ts = int(time.time() * 1000) if now_ms is None else now_ms
     click = {
         "click_id": clickid.issue(settings.secrets, now_ms=ts),
         "ts_ms": ts,
         "campaign_id": campaign.id,
         "pub": pub,
-        **subs,
-        "ip": ip,
-        "user_agent": user_agent[:1024],
     }
+    for name in SUB_PARAMS:
+        value = params.get(name, "")
+        if len(value) > MAX_SUB_LEN:
+            raise Rejected(400, "invalid_param", f"{name} is longer than {MAX_SUB_LEN} characters")
+        click[name] = value
+    click["ip"] = ip
+    click["user_agent"] = user_agent[:1024]
     return campaign, click
+
+
+# json.dumps(..., ensure_ascii=False) builds an encoder per call; this is the same one, once
+_RAW_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def redacted_raw(method: str, path: str, params: Mapping[str, object]) -> str:
     """The request as JSON for the log, with secrets replaced by ***."""
-    shown = {k: ("***" if k in REDACTED_PARAMS else v) for k, v in params.items()}
-    return json.dumps({"method": method, "path": path, "params": shown}, ensure_ascii=False)
+    shown = dict(params)  # same order; a redacted value keeps its place
+    for name in REDACTED_PARAMS:
+        if name in shown:
+            shown[name] = "***"
+    return _RAW_JSON({"method": method, "path": path, "params": shown})
 
 
 def postback_record(
@@ -122,13 +152,14 @@ def postback_record(
     `accepted` or the rejection code.
     """
     now = int(time.time() * 1000) if now_ms is None else now_ms
+    click_id, event = params.get("click_id"), params.get("event")
     record = {
         "postback_id": new_id(now),
         "received_at_ms": now,
-        "click_id": _text(params.get("click_id"))[:256],
+        "click_id": click_id[:256] if isinstance(click_id, str) else "",
         "click_ts_ms": None,
         "advertiser": "",
-        "event": _text(params.get("event"))[:64],
+        "event": event[:64] if isinstance(event, str) else "",
         "txn_id": None,
         "revenue": None,
         "currency": None,
@@ -143,10 +174,6 @@ def postback_record(
         record["outcome"], record["detail"] = rejection.code, rejection.detail
         return record, rejection
     return record, None
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
 
 
 def _check_postback(settings, params, source_ip, record, now) -> None:

@@ -69,3 +69,15 @@ def test_future_click_is_rejected():
 def test_garbage_is_rejected(bad):
     with pytest.raises(clickid.InvalidClickId):
         clickid.verify(bad, SECRETS, now_ms=NOW)
+
+
+def test_mac_is_hmac_sha256_of_the_first_15_bytes():
+    """The keyed-HMAC shortcut computes exactly HMAC-SHA256 (IDs issued before it still verify)."""
+    import hashlib
+    import hmac
+
+    cid = clickid.issue(SECRETS, now_ms=NOW, nonce=bytes(range(9)))
+    raw = base64.urlsafe_b64decode(cid)
+    expected = hmac.new(SECRETS[0].encode(), raw[:15], hashlib.sha256).digest()[:12]
+    assert raw[15:] == expected
+    assert clickid.verify(cid, list(reversed(SECRETS)), now_ms=NOW) == NOW

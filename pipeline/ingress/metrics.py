@@ -26,3 +26,7 @@ class IngressMetrics:
             "Postback log records written to the local spool because Kafka refused them",
             registry=self.registry,
         )
+        # the children every request touches, bound once: labels() locks and looks up
+        self.accepted = self.requests.labels("postback", "accepted")
+        self.redirected = self.requests.labels("click", "redirect")
+        self.publish_latency = {t: self.publish_seconds.labels(t) for t in ("clicks", "postbacks")}

@@ -1,0 +1,69 @@
+"""The ingress's batching publisher against a real broker: every record where
+Kafka's default partitioner puts it, acknowledged before publish() returns."""
+
+import asyncio
+import random
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from pipeline import kafka
+from pipeline.ingress.publisher import Publisher
+
+from .conftest import make_settings
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_records_are_acked_in_their_default_partition(tansu):
+    settings = make_settings(tansu, "http://127.0.0.1:1")
+    await kafka.ensure_topics(settings, ["postbacks"])
+    topic = settings.topic("postbacks")
+    producer = kafka.producer(settings)
+    await producer.start()
+    publisher = Publisher(producer)
+    rng = random.Random(3)
+    records = [(rng.randbytes(rng.randrange(1, 60)), b"v%d" % i) for i in range(3000)]
+    try:
+        # many concurrent requests, as the ingress has them: batches of several per partition
+        await asyncio.gather(*(publisher.publish(topic, k, v) for k, v in records))
+        await publisher.flush()
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=tansu, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    seen = {}
+    try:
+        while len(seen) < len(records):
+            batch = await consumer.getmany(timeout_ms=5000)
+            assert batch, f"only {len(seen)} of {len(records)} records in the topic"
+            for tp, messages in batch.items():
+                for m in messages:
+                    seen[m.value] = (m.key, tp.partition)
+    finally:
+        await consumer.stop()
+    partitions = list(range(settings.kafka_partitions))
+    default = DefaultPartitioner()
+    for key, value in records:
+        assert seen[value] == (key, default(key, partitions, partitions))
+
+
+async def test_a_failed_batch_fails_every_waiting_request(tansu):
+    settings = make_settings(tansu, "http://127.0.0.1:1")
+    await kafka.ensure_topics(settings, ["clicks"])
+    producer = kafka.producer(settings)
+    await producer.start()
+    publisher = Publisher(producer)
+    await publisher.publish(settings.topic("clicks"), b"first", b"v")
+    await producer.stop()  # a closed producer refuses every batch
+    results = await asyncio.gather(
+        *(publisher.publish(settings.topic("clicks"), b"k%d" % i, b"v") for i in range(20)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, KafkaError) for r in results), results
+    await publisher.flush()
