@@ -201,7 +201,10 @@ async def _spool_drainer(app: web.Application) -> None:
 async def _kafka_ctx(app: web.Application):
     settings = app[SETTINGS]
     await kafka.ensure_topics(settings, ["clicks", "postbacks"])
-    producer = kafka.producer(settings)
+    # no linger: every request waits for its own record's ack, so a linger would be
+    # added to each answer while the ingress idles (bench: ~0.35 -> ~0.45 of bare);
+    # records still share a batch per partition while a request is in flight
+    producer = kafka.producer(settings, linger_ms=0)
     await producer.start()
     app[PRODUCER] = producer
     app[PUBLISHER] = publisher = Publisher(producer)
