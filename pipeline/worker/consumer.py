@@ -135,6 +135,8 @@ class BatchConsumer(driver.Consumer):
                         handlers[tp.topic](chunk)
                         if self.app.outputs is not None:
                             await self.app.outputs.flush()  # sent before the inputs are acked
+                        if self.app.consumer_generation_id != generation:
+                            break  # revoked while sending: its new owner replays the chunk
                         self._ack_all(tp, chunk)
                         await asyncio.sleep(0)
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
