@@ -39,6 +39,13 @@ def _varint(out: bytearray, n: int) -> None:
     out.append(n)
 
 
+def long_bytes(n: int) -> bytes:
+    """The zigzag varint of a long, as bytes (the counts of an Avro container)."""
+    out = bytearray()
+    _varint(out, n)
+    return bytes(out)
+
+
 def _write_bytes(out: bytearray, data: bytes) -> None:
     size = len(data)
     if size < 64:

@@ -96,26 +96,16 @@ class Container:
         self.schema = schema
         self._sync = os.urandom(16)
         meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": b"null"}
-        header = bytearray(b"Obj\x01") + _long(len(meta))
+        header = bytearray(b"Obj\x01") + avro.long_bytes(len(meta))
         for key, value in meta.items():
-            header += _long(len(key)) + key + _long(len(value)) + value
-        self._header = bytes(header + _long(0) + self._sync)
+            header += avro.long_bytes(len(key)) + key + avro.long_bytes(len(value)) + value
+        self._header = bytes(header + avro.long_bytes(0) + self._sync)
 
     def file(self, bodies: Sequence[bytes]) -> bytes:
         """One file holding `bodies` in order (at least one)."""
         data = b"".join(bodies)
-        return b"".join((self._header, _long(len(bodies)), _long(len(data)), data, self._sync))
-
-
-def _long(value: int) -> bytes:
-    """Avro's long: zig-zag, then little-endian base-128 varint."""
-    value = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+        counts = avro.long_bytes(len(bodies)) + avro.long_bytes(len(data))
+        return b"".join((self._header, counts, data, self._sync))
 
 
 def _is_bytes_decimal(avro_type) -> bool:

@@ -99,6 +99,28 @@ async def ensure_topics(settings: Settings, names: list[str], timeout: float = 3
         await admin.close()
 
 
+async def send_records(
+    producer: AIOKafkaProducer, topic: str, partition: int, records
+) -> list[tuple[asyncio.Future, int]]:
+    """Hand (key, value) records of one partition to the producer as record batches:
+    one, or more when they outgrow a batch. Returns each batch's delivery future with
+    its record count, in order (a batch's last offset is its base offset + count - 1)."""
+    sent = []
+    batch, count = producer.create_batch(), 0
+    for key, value in records:
+        if batch.append(timestamp=None, key=key, value=value) is None:  # full
+            if count == 0:
+                raise ValueError(f"a record of {len(value or b'')} bytes exceeds a batch")
+            sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+            batch, count = producer.create_batch(), 0
+            if batch.append(timestamp=None, key=key, value=value) is None:
+                raise ValueError(f"a record of {len(value or b'')} bytes exceeds a batch")
+        count += 1
+    if count:
+        sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+    return sent
+
+
 async def log_end_offsets(
     bootstrap: str, partitions: list[TopicPartition], timeout: float = 5
 ) -> dict[TopicPartition, int]:

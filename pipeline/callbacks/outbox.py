@@ -22,6 +22,8 @@ from functools import partial
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from pipeline import kafka
+
 log = logging.getLogger(__name__)
 
 Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
@@ -82,20 +84,14 @@ class Outbox:
 
     async def _send(self, entries: list[Entry]) -> list[asyncio.Future]:
         """One batch per topic partition (more when one fills up); their futures."""
-        batches: dict[tuple[str, int], object] = {}
-        acks = []
+        by_partition: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
         for records, _ in entries:
             for topic, partition, key, value in records:
-                batch = batches.get((topic, partition))
-                if batch is None:
-                    batch = batches[topic, partition] = self.producer.create_batch()
-                if batch.append(timestamp=None, key=key, value=value) is None:  # full
-                    acks.append(await self.producer.send_batch(batch, topic, partition=partition))
-                    batch = batches[topic, partition] = self.producer.create_batch()
-                    if batch.append(timestamp=None, key=key, value=value) is None:
-                        raise ValueError(f"a record of {len(value)} bytes exceeds a batch")
-        for (topic, partition), batch in batches.items():
-            acks.append(await self.producer.send_batch(batch, topic, partition=partition))
+                by_partition.setdefault((topic, partition), []).append((key, value))
+        acks = []
+        for (topic, partition), records in by_partition.items():
+            sent = await kafka.send_records(self.producer, topic, partition, records)
+            acks.extend(future for future, _ in sent)
         return acks
 
     def _acked(self, entries: list[Entry], gathered: asyncio.Future) -> None:

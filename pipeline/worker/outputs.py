@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, MutableMapping
 
-from aiokafka.partitioner import murmur2
 from faust.streams import current_event
 from faust.types import TP
+
+from pipeline import kafka, partitioner
 
 # record batches sent and not yet acknowledged before the handlers wait for them
 MAX_IN_FLIGHT = 64
@@ -40,7 +41,7 @@ class Outputs:
         """Queue one record; without a partition, the key's (Kafka's default partitioner).
         Returns the partition."""
         if partition is None:
-            partition = (murmur2(key) & 0x7FFFFFFF) % self.partitions
+            partition = partitioner.partition(key, self.partitions)
         records = self.pending.get((topic, partition))
         if records is None:
             records = self.pending[(topic, partition)] = []
@@ -55,26 +56,12 @@ class Outputs:
         pending, self.pending = self.pending, {}
         producer = self.app.producer._producer  # aiokafka's, started with Faust's producer
         for (topic, partition), records in pending.items():
-            batch, count = producer.create_batch(), 0
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    await self._send(producer, batch, topic, partition, count)
-                    batch, count = producer.create_batch(), 0
-                    batch.append(key=key, value=value, timestamp=None)
-                count += 1
-            await self._send(producer, batch, topic, partition, count)
+            on_sent = self.on_sent.get(topic)
+            for future, count in await kafka.send_records(producer, topic, partition, records):
+                if on_sent is not None:
+                    future.add_done_callback(_report(on_sent, TP(topic, partition), count))
+                self.in_flight.append(future)
         await self._bound_in_flight()
-
-    async def _send(self, producer, batch, topic: str, partition: int, count: int) -> None:
-        batch.close()
-        future = await producer.send_batch(batch, topic, partition=partition)
-        on_sent = self.on_sent.get(topic)
-        if on_sent is not None:
-            tp = TP(topic, partition)
-            future.add_done_callback(
-                lambda f: f.exception() is None and on_sent(tp, f.result().offset + count - 1)
-            )
-        self.in_flight.append(future)
 
     async def _bound_in_flight(self) -> None:
         self.in_flight = [f for f in self.in_flight if not f.done() or f.exception()]
@@ -85,6 +72,16 @@ class Outputs:
             done = self.in_flight
             self.in_flight = []
             await asyncio.gather(*done)
+
+
+def _report(on_sent: Callable[[TP, int], None], tp: TP, count: int):
+    """A delivery callback telling `on_sent` the last offset of a stored batch."""
+
+    def done(future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            on_sent(tp, future.result().offset + count - 1)
+
+    return done
 
 
 class Changelogged(MutableMapping):
