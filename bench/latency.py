@@ -3,12 +3,17 @@
 p50 and p99 from a postback accepted by the ingress (the 200 seen by
 `bench.clients paced`) to its callback received by the loopback publisher,
 with ingress, worker and callbacks running and postbacks sent open-loop at
-half the capacity measured earlier in the run (the slowest of ingress
-postbacks/s, the worker's postbacks/s in its 10:1 mix, and callbacks/s); their
-clicks are in the worker's state beforehand. Against p50 and p99 of a bare
-produce (acks=all) to consume round trip through the same broker at the same
-rate. The note splits the time at the conversion record the worker produced
-(its Kafka CreateTime).
+half the pipeline's capacity measured in the same run; their clicks are in the
+worker's state beforehand. Against p50 and p99 of a bare produce (acks=all) to
+consume round trip through the same broker at the same rate. The note splits
+the time at the conversion record the worker produced (its Kafka CreateTime).
+
+The capacity is what the whole pipeline does on this machine, every process
+of it sharing the 2 cores: a burst of postbacks is sent at `ceiling` (the
+slowest stage measured alone: ingress postbacks/s, the worker's postbacks/s in
+its 10:1 mix, callbacks/s), and the capacity is the burst's size over the time
+from its first postback accepted to its last callback received. The stages
+measured alone overstate it: each had the machine to itself.
 """
 
 from __future__ import annotations
@@ -103,8 +108,16 @@ def _paced(stack: Stack, settings: Settings, lines: list[str], rate: float, name
     return json.loads(out.read_text())
 
 
-def _wait_received(listen: str, keys: set[str], timeout: float) -> dict[str, float]:
+def _keys_received(listen: str) -> int:
+    return get_json(f"http://{listen}/_stats")["keys"]
+
+
+def _wait_received(listen: str, keys: set[str], timeout: float, before: int) -> dict[str, float]:
+    """Arrival times, once the callbacks of `keys` came (`before`: keys received
+    earlier). The small /_stats is polled, the whole /_received read once at the end."""
     deadline = time.monotonic() + timeout
+    while _keys_received(listen) < before + len(keys) and time.monotonic() < deadline:
+        time.sleep(0.2)
     while True:
         received = get_json(f"http://{listen}/_received")
         if keys <= received.keys() or time.monotonic() > deadline:
@@ -123,7 +136,7 @@ async def conversion_times(settings: Settings) -> dict[str, float]:
         ends = await kafka.log_end_offsets(settings.kafka_bootstrap, tps)
         await consumer.seek_to_beginning(*tps)
         times: dict[str, float] = {}
-        for _ in range(1000):  # bounded: a few thousand records at most
+        for _ in range(20_000):  # bounded: the run's records, 500 a partition a poll
             positions = [await consumer.position(tp) for tp in tps]
             if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
                 break
@@ -134,15 +147,24 @@ async def conversion_times(settings: Settings) -> dict[str, float]:
         await consumer.stop()
 
 
-def measure_latency(stack: Stack, rate: float, seconds: float) -> Figure:
-    count = max(int(rate * seconds), 100)
+def _capacity(load: dict, received: dict[str, float]) -> tuple[float, float]:
+    """(postbacks/s, seconds) from the first accepted to the last callback of a burst."""
+    keys = [k for k in load["accepted"] if k in received]
+    if len(keys) < len(load["accepted"]) or not keys:
+        missing = len(load["accepted"]) - len(keys)
+        raise RuntimeError(f"capacity burst: {missing:,} callbacks missing after 120 s")
+    seconds = max(received[k] for k in keys) - min(load["accepted"].values())
+    return len(keys) / seconds, seconds
+
+
+def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds: float) -> Figure:
+    burst = max(int(ceiling * burst_seconds), 500)
+    most = max(int(ceiling / 2 * seconds), 100)  # the latency load is at most this many
     publisher, listen = start_publisher(stack)
     try:
         path, settings = stack.config("latency", replace={EXAMPLE_PUBLISHER: listen})
         asyncio.run(kafka.ensure_topics(settings, TOPICS))
-        base_p50, base_p99 = _percentiles(asyncio.run(roundtrip(settings, rate, count, 120)))
-
-        click_ids = data.click_ids(settings, WARM_UP + count)
+        click_ids = data.click_ids(settings, WARM_UP + burst + most)
         clicks = [
             ("clicks", cid.encode(), codec.CLICK.encode(net1_click(settings, cid, i)))
             for i, cid in enumerate(click_ids)
@@ -156,16 +178,27 @@ def measure_latency(stack: Stack, rate: float, seconds: float) -> Figure:
             wait_http(f"http://{settings.ingress_listen}/readyz", 60, procs[2])
             wait_state(settings, len(click_ids), procs[0], 120)
             warm = _paced(stack, settings, lines[:WARM_UP], 50, "latency-warm-up")
-            _wait_received(listen, set(warm["accepted"]), 90)
+            _wait_received(listen, set(warm["accepted"]), 90, 0)
+            burst_lines = lines[WARM_UP : WARM_UP + burst]
+            before = _keys_received(listen)
+            capacity_load = _paced(stack, settings, burst_lines, ceiling, "latency-capacity")
+            received = _wait_received(listen, set(capacity_load["accepted"]), 120, before)
+            capacity, burst_took = _capacity(capacity_load, received)
+            rate = min(capacity, ceiling) / 2
+            count = max(int(rate * seconds), 100)
+            load_lines = lines[WARM_UP + burst :][:count]
             for proc in procs:
                 stack.profile(proc, seconds)
-            load = _paced(stack, settings, lines[WARM_UP:], rate, "latency-load")
-            received = _wait_received(listen, set(load["accepted"]), 60)
+            before = _keys_received(listen)
+            load = _paced(stack, settings, load_lines, rate, "latency-load")
+            received = _wait_received(listen, set(load["accepted"]), 60, before)
             for proc in procs:
                 proc.check()
         finally:
             for proc in reversed(procs):
                 stack.stop(proc)
+        # the baseline at the same rate, with the broker alone again
+        base_p50, base_p99 = _percentiles(asyncio.run(roundtrip(settings, rate, count, 120)))
     finally:
         stack.stop(publisher)
     latencies = [received[k] - t for k, t in load["accepted"].items() if k in received]
@@ -186,7 +219,11 @@ def measure_latency(stack: Stack, rate: float, seconds: float) -> Figure:
         f"p50 / p99 of accepted -> conversion produced {span(worker_hop)}, "
         f"conversion produced -> callback {span(callback_hop)}"
     )
-    note = f"{rate:,.0f} postbacks/s for {seconds:g} s ({count:,} sent, {load['failed']} failed)"
+    note = (
+        f"{rate:,.0f} postbacks/s for {seconds:g} s ({count:,} sent, {load['failed']} failed), "
+        f"half the capacity: the pipeline turned a burst of {burst:,} postbacks (sent at "
+        f"{ceiling:,.0f}/s, the slowest stage alone) into callbacks at {capacity:,.0f}/s"
+    )
     if missing:
         note += f"; {missing:,} callbacks MISSING after 60 s"
     return Figure(
@@ -202,6 +239,10 @@ def measure_latency(stack: Stack, rate: float, seconds: float) -> Figure:
             "baseline_p50_s": base_p50,
             "baseline_p99_s": base_p99,
             "rate": rate,
+            "capacity_per_s": capacity,
+            "capacity_burst": burst,
+            "capacity_burst_s": burst_took,
+            "ceiling_per_s": ceiling,
             "sent": count,
             "missing": missing,
             "worker_hop_p50_p99_s": _percentiles(worker_hop) if worker_hop else None,

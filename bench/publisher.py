@@ -3,7 +3,8 @@
 
 The key of a callback is its `click` query parameter (the example config's
 net1 template sends `click={sub1}`), else `sub1` or `click_id` of a JSON body.
-`GET /_stats` answers {"count": deliveries received}, `GET /_received` the
+`GET /_stats` answers {"count": deliveries received, "keys": keys received},
+`GET /_received` the
 first arrival time (Unix seconds) of each key. Run as
 `python -m bench.publisher --listen 127.0.0.1:PORT` until SIGTERM.
 """
@@ -37,7 +38,8 @@ async def callback(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({"count": request.app[COUNT][0]})
+    app = request.app
+    return web.json_response({"count": app[COUNT][0], "keys": len(app[RECEIVED])})
 
 
 async def received(request: web.Request) -> web.Response:
