@@ -31,16 +31,16 @@ CLICK_PATH = "/click/c1?pub=net1&sub1=bench&sub2=ios"
 GOAL = ">= 0.7"
 
 
-def wrk(
+def wrk_argv(
     base: str,
     path: str,
     seconds: float,
     connections: int,
     ids: Path | None = None,
-    watch: dict[str, int] | None = None,
-) -> dict:
-    """One wrk run; returns its summary with `ok_per_s` (2xx/3xx answers per
-    second) and `cpu`, the cores used by the `watch` processes and by wrk."""
+    once: bool = False,
+) -> list[str]:
+    """wrk's command line: GET `path` (+ a click ID of `ids` each, cycling, or
+    each once with `once`, then /healthz: wrk then idles until SIGINT)."""
     argv = [
         "wrk",
         "-t1",
@@ -56,16 +56,38 @@ def wrk(
     ]
     if ids is not None:
         argv.append(str(ids))
-    meter = CpuMeter(watch or {}, children=True).start()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    cpu = meter.stop()
-    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+        if once:
+            argv.append("once")
+    return argv
+
+
+def wrk_summary(stdout: str, stderr: str) -> dict:
+    """The JSON line wrk.lua prints, plus `ok` and `ok_per_s` (2xx/3xx answers)."""
+    line = next((x for x in stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
-        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+        raise RuntimeError(f"wrk printed no summary:\n{stdout}\n{stderr}")
     result = json.loads(line.removeprefix("WRKJSON "))
     ok = result["requests"] - result["status_errors"]
     result["ok"] = ok
     result["ok_per_s"] = ok / (result["duration_us"] / 1e6)
+    return result
+
+
+def wrk(
+    base: str,
+    path: str,
+    seconds: float,
+    connections: int,
+    ids: Path | None = None,
+    watch: dict[str, int] | None = None,
+) -> dict:
+    """One wrk run; returns its summary with `ok_per_s` (2xx/3xx answers per
+    second) and `cpu`, the cores used by the `watch` processes and by wrk."""
+    argv = wrk_argv(base, path, seconds, connections, ids)
+    meter = CpuMeter(watch or {}, children=True).start()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    cpu = meter.stop()
+    result = wrk_summary(out.stdout, out.stderr)
     result["cpu"] = cpu
     return result
 

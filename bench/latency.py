@@ -9,27 +9,30 @@ consume round trip through the same broker at the same rate. The note splits
 the time at the conversion record the worker produced (its Kafka CreateTime).
 
 The capacity is what the whole pipeline does on this machine, every process
-of it sharing the 2 cores: a burst of postbacks is sent at `ceiling` (the
-slowest stage measured alone: ingress postbacks/s, the worker's postbacks/s in
-its 10:1 mix, callbacks/s), and the capacity is the burst's size over the time
-from its first postback accepted to its last callback received. The stages
-measured alone overstate it: each had the machine to itself.
+of it sharing the 2 cores: a burst of postbacks (as many as the slowest stage
+measured alone, `ceiling`, takes in `burst_seconds`) is sent by wrk, each
+once, 64 at a time, and the capacity is the burst's size over the time from
+wrk's start to the last callback received. The stages measured alone overstate
+it (each had the machine to itself); wrk, not the Python load generator of the
+latency load, sends the burst so that the load generator's own CPU is not
+counted against the pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench import data
+from bench import data, ingress
 from bench.callbacks import EXAMPLE_PUBLISHER, get_json, net1_click, start_publisher
 from bench.report import Figure
-from bench.stack import ROOT, Stack, wait_http
+from bench.stack import ROOT, CpuMeter, Stack, cores_text, wait_http
 from bench.worker import wait_state
 from pipeline import codec, kafka
 from pipeline.config import Settings
@@ -39,12 +42,15 @@ WARM_UP = 20
 
 
 async def roundtrip(settings: Settings, rate: float, count: int, timeout: float) -> list[float]:
-    """Latencies (s) of `count` records produced at `rate` (acks=all, the
-    ingress's producer settings) and consumed from the same broker."""
+    """Latencies (s) of `count` records produced at `rate` (the ingress's
+    producer settings: acks=all, no linger) and consumed from the same broker
+    (the fetch wait of the pipeline's consumers)."""
     await kafka.ensure_topics(settings, ["roundtrip"])
     topic = settings.topic("roundtrip")
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, fetch_max_wait_ms=100)
-    producer = kafka.producer(settings)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, fetch_max_wait_ms=kafka.FETCH_MAX_WAIT_MS
+    )
+    producer = kafka.producer(settings, linger_ms=0)
     await consumer.start()
     await producer.start()
     try:
@@ -147,14 +153,31 @@ async def conversion_times(settings: Settings) -> dict[str, float]:
         await consumer.stop()
 
 
-def _capacity(load: dict, received: dict[str, float]) -> tuple[float, float]:
-    """(postbacks/s, seconds) from the first accepted to the last callback of a burst."""
-    keys = [k for k in load["accepted"] if k in received]
-    if len(keys) < len(load["accepted"]) or not keys:
-        missing = len(load["accepted"]) - len(keys)
-        raise RuntimeError(f"capacity burst: {missing:,} callbacks missing after 120 s")
-    seconds = max(received[k] for k in keys) - min(load["accepted"].values())
-    return len(keys) / seconds, seconds
+def _burst(stack: Stack, settings: Settings, click_ids: list[str], listen: str) -> dict:
+    """Send each click ID's postback once with wrk (64 connections); wait for
+    every callback, then stop wrk."""
+    ids = stack.workdir / "latency-burst.ids"
+    # wrk calls request() once before it sends anything (to count pipelined requests):
+    # that call takes the first line, so the first ID is there twice
+    ids.write_text("\n".join(click_ids[:1] + click_ids) + "\n")
+    base, before = f"http://{settings.ingress_listen}/", _keys_received(listen)
+    argv = ingress.wrk_argv(base, ingress.POSTBACK_PATH, 600, 64, ids, once=True)
+    started = time.time()
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (got := _keys_received(listen) - before) < len(click_ids):
+            if time.monotonic() > deadline or run.poll() is not None:
+                raise TimeoutError(f"capacity burst: {got:,} of {len(click_ids):,} callbacks")
+            time.sleep(0.05)
+        took = time.time() - started
+    finally:
+        run.send_signal(signal.SIGINT)  # wrk prints its summary and exits
+        out, err = run.communicate(timeout=30)
+    summary = ingress.wrk_summary(out, err)
+    if summary["status_errors"] or summary["timeouts"]:
+        raise RuntimeError(f"capacity burst: not every postback was accepted: {summary}")
+    return {"per_s": len(click_ids) / took, "seconds": took}
 
 
 def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds: float) -> Figure:
@@ -179,19 +202,21 @@ def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds:
             wait_state(settings, len(click_ids), procs[0], 120)
             warm = _paced(stack, settings, lines[:WARM_UP], 50, "latency-warm-up")
             _wait_received(listen, set(warm["accepted"]), 90, 0)
-            burst_lines = lines[WARM_UP : WARM_UP + burst]
-            before = _keys_received(listen)
-            capacity_load = _paced(stack, settings, burst_lines, ceiling, "latency-capacity")
-            received = _wait_received(listen, set(capacity_load["accepted"]), 120, before)
-            capacity, burst_took = _capacity(capacity_load, received)
-            rate = min(capacity, ceiling) / 2
+            pids = {p.name.removeprefix("latency-"): p.pid for p in procs}
+            pids |= {"publisher": publisher.pid, "broker": stack.kafka.proc.pid}
+            meter = CpuMeter(pids, children=True).start()
+            capacity = _burst(stack, settings, click_ids[WARM_UP : WARM_UP + burst], listen)
+            burst_cpu = meter.stop()
+            rate = min(capacity["per_s"], ceiling) / 2
             count = max(int(rate * seconds), 100)
             load_lines = lines[WARM_UP + burst :][:count]
             for proc in procs:
                 stack.profile(proc, seconds)
             before = _keys_received(listen)
+            meter = CpuMeter(pids, children=True).start()
             load = _paced(stack, settings, load_lines, rate, "latency-load")
             received = _wait_received(listen, set(load["accepted"]), 60, before)
+            load_cpu = meter.stop()
             for proc in procs:
                 proc.check()
         finally:
@@ -221,8 +246,9 @@ def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds:
     )
     note = (
         f"{rate:,.0f} postbacks/s for {seconds:g} s ({count:,} sent, {load['failed']} failed), "
-        f"half the capacity: the pipeline turned a burst of {burst:,} postbacks (sent at "
-        f"{ceiling:,.0f}/s, the slowest stage alone) into callbacks at {capacity:,.0f}/s"
+        f"half the capacity: {capacity['per_s']:,.0f} postbacks/s, a burst of {burst:,} "
+        f"sent by wrk, turned into callbacks in {capacity['seconds']:.1f} s "
+        f"({cores_text(burst_cpu)}); during the load: {cores_text(load_cpu)}"
     )
     if missing:
         note += f"; {missing:,} callbacks MISSING after 60 s"
@@ -239,10 +265,12 @@ def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds:
             "baseline_p50_s": base_p50,
             "baseline_p99_s": base_p99,
             "rate": rate,
-            "capacity_per_s": capacity,
+            "capacity_per_s": capacity["per_s"],
             "capacity_burst": burst,
-            "capacity_burst_s": burst_took,
+            "capacity_burst_s": capacity["seconds"],
             "ceiling_per_s": ceiling,
+            "capacity_cpu": burst_cpu,
+            "load_cpu": load_cpu,
             "sent": count,
             "missing": missing,
             "worker_hop_p50_p99_s": _percentiles(worker_hop) if worker_hop else None,

@@ -35,14 +35,17 @@ from faust.types import TP, Message
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
+from pipeline import kafka
+
 # a handler gets the records of one partition: aiokafka's ConsumerRecords (or Faust
 # Messages in tests), each with .topic, .partition, .offset, .key and .value
 BatchHandler = Callable[[list[Message]], None]
 
 # Faust's aiokafka driver hard-codes a 1.5 s fetch wait; Tansu answers a fetch that
 # found nothing only at its max wait, so each hop through the worker waited up to it
-# (bench: latency; 100 ms gave a p99 ratio of 4.3 at 2,600 postbacks/s, 20 ms 2.0)
-FETCH_MAX_WAIT_MS = 20
+# (bench: latency; 100 ms gave a p99 ratio of 4.3 at 2,600 postbacks/s, 20 ms 2.0):
+# the wait of every consumer of the pipeline
+FETCH_MAX_WAIT_MS = kafka.FETCH_MAX_WAIT_MS
 # records handled between two yields to the event loop (its web server, timers)
 CHUNK = 2000
 
