@@ -127,10 +127,28 @@ def click_record(
 
 # json.dumps(..., ensure_ascii=False) builds an encoder per call; this is the same one, once
 _RAW_JSON = json.JSONEncoder(ensure_ascii=False).encode
+# the function that encoder writes every str with (C)
+_JSON_STR = json.encoder.encode_basestring
 
 
 def redacted_raw(method: str, path: str, params: Mapping[str, object]) -> str:
     """The request as JSON for the log, with secrets replaced by ***."""
+    # a request's parameters are strings: their JSON is written here, the text the
+    # encoder would write (a test compares), at a third of its cost; others go to it
+    fields = []
+    for name, value in params.items():
+        if type(value) is not str or type(name) is not str:
+            return _redacted_raw_encoded(method, path, params)
+        if name in REDACTED_PARAMS:
+            value = "***"
+        fields.append(f"{_JSON_STR(name)}: {_JSON_STR(value)}")
+    params_text = ", ".join(fields)
+    return (
+        f'{{"method": {_JSON_STR(method)}, "path": {_JSON_STR(path)}, "params": {{{params_text}}}}}'
+    )
+
+
+def _redacted_raw_encoded(method: str, path: str, params: Mapping[str, object]) -> str:
     shown = dict(params)  # same order; a redacted value keeps its place
     for name in REDACTED_PARAMS:
         if name in shown:

@@ -139,3 +139,22 @@ def test_click_rejections(settings, campaign, params, status, code):
     with pytest.raises(Rejected) as e:
         requests.click_record(settings, campaign, params, "1.2.3.4", "")
     assert (e.value.status, e.value.code) == (status, code)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"token": "adv-secret", "click_id": "AZq7", "event": "install"},
+        {"event": "install", "token": "t", "txn_id": 'a"b\\c\n\t\x00\x1f\x7f'},
+        {"sub1": "é 中 \U0001f600 \u2028 \ud800", "": "", "to ken": "x"},
+        {"token": "t", "revenue": "1.5", "flag": True, "none": None},  # a JSON body
+        {"token": "t", "n": 3, "list": [1, "a"], "obj": {"token": "kept"}},
+    ],
+)
+def test_redacted_raw_is_what_the_json_encoder_writes(params):
+    shown = {k: "***" if k == "token" else v for k, v in params.items()}
+    expected = json.dumps(
+        {"method": "POST", "path": "/postback", "params": shown}, ensure_ascii=False
+    )
+    assert requests.redacted_raw("POST", "/postback", params) == expected
