@@ -35,6 +35,9 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
 
 
+_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+
 class Unavailable(Exception):
     """Kafka did not acknowledge the event in time."""
 
@@ -158,9 +161,10 @@ async def postback(request: web.Request) -> web.Response:
         return error(rejection)
     metrics.accepted.inc()
     # what json_response writes for this dict, without the encoder (postback_id is hex)
+    # nor the content type's parsing
     return web.Response(
-        text=f'{{"status": "accepted", "postback_id": "{record["postback_id"]}"}}',
-        content_type="application/json",
+        body=f'{{"status": "accepted", "postback_id": "{record["postback_id"]}"}}'.encode(),
+        headers=_JSON_HEADERS,
     )
 
 
