@@ -81,6 +81,10 @@ def test_mac_is_hmac_sha256_of_the_first_15_bytes():
     raw = base64.urlsafe_b64decode(cid)
     expected = hmac.new(SECRETS[0].encode(), raw[:15], hashlib.sha256).digest()[:12]
     assert raw[15:] == expected
+    assert (
+        cid
+        == base64.urlsafe_b64encode(NOW.to_bytes(6, "big") + bytes(range(9)) + expected).decode()
+    )
     assert clickid.verify(cid, list(reversed(SECRETS)), now_ms=NOW) == NOW
 
 
