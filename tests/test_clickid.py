@@ -1,6 +1,7 @@
 """The click-ID codec: round trip, tampering, forgery, rotation, retired secrets."""
 
 import base64
+import random
 
 import pytest
 
@@ -80,4 +81,22 @@ def test_mac_is_hmac_sha256_of_the_first_15_bytes():
     raw = base64.urlsafe_b64decode(cid)
     expected = hmac.new(SECRETS[0].encode(), raw[:15], hashlib.sha256).digest()[:12]
     assert raw[15:] == expected
+    assert (
+        cid
+        == base64.urlsafe_b64encode(NOW.to_bytes(6, "big") + bytes(range(9)) + expected).decode()
+    )
     assert clickid.verify(cid, list(reversed(SECRETS)), now_ms=NOW) == NOW
+
+
+@pytest.mark.parametrize("length", [8, 20, 63, 64, 65, 200])
+def test_mac_equals_hmac_new_for_every_key_length(length):
+    """Keys up to SHA-256's block size are padded, longer ones hashed first (RFC 2104)."""
+    import hashlib
+    import hmac
+
+    rng = random.Random(length)
+    secret = "".join(rng.choice("abcdefgh0123456789é€") for _ in range(length))
+    for size in (0, 1, 15, 64, 100):
+        body = rng.randbytes(size)
+        expected = hmac.new(secret.encode(), body, hashlib.sha256).digest()[:12]
+        assert clickid._mac(secret, body) == expected

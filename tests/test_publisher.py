@@ -67,3 +67,48 @@ async def test_a_failed_batch_fails_every_waiting_request(tansu):
     )
     assert all(isinstance(r, KafkaError) for r in results), results
     await publisher.flush()
+
+
+async def test_added_partitions_are_used_once_the_metadata_shows_them(apache_kafka):
+    """Tansu cannot add partitions; the Apache Kafka reference can."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    settings = make_settings(apache_kafka, "http://127.0.0.1:1")
+    await kafka.ensure_topics(settings, ["postbacks"])
+    topic = settings.topic("postbacks")
+    producer = kafka.producer(settings)
+    await producer.start()
+    publisher = Publisher(producer)
+    admin = AIOKafkaAdminClient(bootstrap_servers=apache_kafka)
+    await admin.start()
+    count = settings.kafka_partitions + 4
+    try:
+        await publisher.publish(topic, b"before", b"v")
+        await admin.create_partitions({topic: NewPartitions(count)})
+        assert await producer.client.force_metadata_update()
+        keys = [b"k%d" % i for i in range(200)]
+        await asyncio.gather(*(publisher.publish(topic, k, b"after") for k in keys))
+    finally:
+        await admin.close()
+        await publisher.flush()
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=apache_kafka,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    seen = {}
+    try:
+        while len(seen) < len(keys):
+            batch = await consumer.getmany(timeout_ms=5000)
+            assert batch, f"only {len(seen)} of {len(keys)} records in the topic"
+            for tp, messages in batch.items():
+                seen.update((m.key, tp.partition) for m in messages if m.value == b"after")
+    finally:
+        await consumer.stop()
+    partitions = list(range(count))
+    default = DefaultPartitioner()
+    assert seen == {k: default(k, partitions, partitions) for k in keys}
+    assert max(seen.values()) >= settings.kafka_partitions  # the new ones are used

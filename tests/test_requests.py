@@ -2,9 +2,11 @@
 
 import ipaddress
 import json
+import random
 from decimal import Decimal
 
 import pytest
+from yarl import URL
 
 from pipeline import clickid, config, requests
 from pipeline.requests import Rejected
@@ -139,3 +141,57 @@ def test_click_rejections(settings, campaign, params, status, code):
     with pytest.raises(Rejected) as e:
         requests.click_record(settings, campaign, params, "1.2.3.4", "")
     assert (e.value.status, e.value.code) == (status, code)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"token": "adv-secret", "click_id": "AZq7", "event": "install"},
+        {"event": "install", "token": "t", "txn_id": 'a"b\\c\n\t\x00\x1f\x7f'},
+        {"sub1": "é 中 \U0001f600 \u2028 \ud800", "": "", "to ken": "x"},
+        {"token": "t", "revenue": "1.5", "flag": True, "none": None},  # a JSON body
+        {"token": "t", "n": 3, "list": [1, "a"], "obj": {"token": "kept"}},
+    ],
+)
+def test_redacted_raw_is_what_the_json_encoder_writes(params):
+    shown = {k: "***" if k == "token" else v for k, v in params.items()}
+    expected = json.dumps(
+        {"method": "POST", "path": "/postback", "params": shown}, ensure_ascii=False
+    )
+    assert requests.redacted_raw("POST", "/postback", params) == expected
+
+
+QUERIES = [
+    "",
+    "token=adv-secret&event=install&click_id=AZq7xJkAsC3vYcT0ZPbyJkzzgpOq2yr7C0tB",
+    "a=1&a=2&b=&c&&=x&d==e&a=3",  # repeated (the first wins), blank, no '=', empty name
+    "sub1=a+b&c+d=+&plus=%2B",  # '+' is a space, %2B a plus
+    "name=%E9t%C3%A9&bad=%ff%fe&half=%e&pct=100%",  # escapes, invalid UTF-8, stray '%'
+    "é=ü&sp ace=x;y&q=?/:@",  # raw non-ASCII and punctuation
+    "&&&",
+    "=",
+]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_query_params_as_yarl_decodes_them(query):
+    expected = dict(URL.build(path="/postback", query_string=query, encoded=True).query)
+    params = requests.query_params(query)
+    assert params == expected if "%" not in query else params is None
+    if params is not None:
+        assert list(params) == list(expected)  # the raw request keeps the order
+
+
+def test_query_params_random_strings():
+    rng = random.Random(7)
+    alphabet = "ab=&+ %é;?#/"
+    for _ in range(3000):
+        query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        query = query.replace("#", "")  # a fragment never reaches the query string
+        params = requests.query_params(query)
+        if params is None:
+            assert "%" in query
+            continue
+        expected = dict(URL.build(path="/p", query_string=query, encoded=True).query)
+        assert list(params.items()) == list(expected.items()), query

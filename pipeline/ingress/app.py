@@ -35,6 +35,9 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
 
 
+_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+
 class Unavailable(Exception):
     """Kafka did not acknowledge the event in time."""
 
@@ -54,6 +57,12 @@ async def publish(app: web.Application, topic: str, key: bytes, value: bytes) ->
     app[METRICS].publish_latency[topic].observe(time.perf_counter() - started)
 
 
+def _query(request: web.Request) -> dict[str, str]:
+    """`dict(request.query)`, at a third of the cost when nothing is %-escaped."""
+    params = requests.query_params(request.rel_url.raw_query_string)
+    return dict(request.query) if params is None else params
+
+
 def _client_ip(request: web.Request) -> str:
     settings = request.app[SETTINGS]
     return requests.client_ip(
@@ -67,7 +76,7 @@ async def click(request: web.Request) -> web.Response:
         campaign, event = requests.click_record(
             settings,
             request.match_info["campaign_id"],
-            request.query,
+            _query(request),
             _client_ip(request),
             request.headers.get("User-Agent", ""),
         )
@@ -92,7 +101,7 @@ async def click(request: web.Request) -> web.Response:
 
 async def _postback_params(request: web.Request) -> dict:
     """Query parameters, overlaid by a form or JSON body on POST."""
-    params: dict = dict(request.query)
+    params: dict = _query(request)
     if request.method != "POST" or not request.can_read_body:
         return params
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -133,7 +142,7 @@ async def postback(request: web.Request) -> web.Response:
         raw = requests.redacted_raw(request.method, request.path, params)
         record, rejection = requests.postback_record(settings, params, source_ip, raw)
     except Rejected as early:
-        params = dict(request.query)
+        params = _query(request)
         raw = requests.redacted_raw(request.method, request.path, params)
         record, _ = requests.postback_record(settings, params, source_ip, raw)
         record["outcome"], record["detail"], rejection = early.code, early.detail, early
@@ -152,9 +161,10 @@ async def postback(request: web.Request) -> web.Response:
         return error(rejection)
     metrics.accepted.inc()
     # what json_response writes for this dict, without the encoder (postback_id is hex)
+    # nor the content type's parsing
     return web.Response(
-        text=f'{{"status": "accepted", "postback_id": "{record["postback_id"]}"}}',
-        content_type="application/json",
+        body=f'{{"status": "accepted", "postback_id": "{record["postback_id"]}"}}'.encode(),
+        headers=_JSON_HEADERS,
     )
 
 

@@ -12,8 +12,9 @@ Contract of `Publisher.publish`: it returns once the broker acknowledged the
 batch holding the record (with the producer's acks), or raises the producer's
 error (KafkaError, TimeoutError) when the batch could not be delivered. A
 record goes to the partition Kafka's default partitioner picks for its key
-(`pipeline.partitioner`), so consumers co-partitioned by key see it where
-they would with `producer.send()`. Records of a partition are handed to the
+(`pipeline.partitioner`) over the partition count of the producer's latest
+metadata, so consumers co-partitioned by key see it where they would with
+`producer.send()`. Records of a partition are handed to the
 producer in the order they were published; a batch stays open for appends
 until the producer takes it (after its linger, or once the previous request
 to the broker returned), as with `send()`.
@@ -47,6 +48,15 @@ class Publisher:
         self._open: dict[tuple[str, int], _Batch] = {}
         self._last: dict[tuple[str, int], _Batch] = {}  # the newest batch of a partition
         self._tasks: set[asyncio.Task] = set()
+        # the producer learns about added partitions from metadata; so do we, when it does
+        # (not per batch: that copied the topic's partitions into a set every time)
+        producer.client.cluster.add_listener(self._metadata_updated)
+
+    def _metadata_updated(self, cluster) -> None:
+        for topic in self._counts:
+            known = cluster.partitions_for_topic(topic)
+            if known:
+                self._counts[topic] = len(known)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """Append the record to its partition's open batch and wait for the acks."""
@@ -91,10 +101,6 @@ class Publisher:
             error = e
         finally:
             self._finish(tp, batch, error)
-        # the producer learns about added partitions from metadata; so do we
-        known = self.producer.client.cluster.partitions_for_topic(topic)
-        if known:
-            self._counts[topic] = len(known)
 
     def _finish(self, tp: tuple[str, int], batch: _Batch, error: BaseException | None) -> None:
         batch.builder.close()  # no more appends: a batch that failed is never sent
