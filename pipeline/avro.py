@@ -4,10 +4,9 @@ The ingress encodes one record per request; fastavro's `schemaless_writer`
 spends most of its time on per-call set-up (a stream, schema dispatch), which
 is several microseconds for a dozen fields. `record_encoder` builds, once per
 schema, a plan of the fields and a function that writes them in order
-(strings inline, other types through a writer each), written out as Python
-source with one block per field. It covers the types our schemas use (string,
-int, long, bytes-backed decimal, and unions of null with one of them) and
-returns None for anything else.
+(strings inline, other types through a writer each). It covers the types our
+schemas use (string, int, long, bytes-backed decimal, and unions of null with
+one of them) and returns None for anything else.
 
 The writers accept only the canonical Python type of a field (`str`, `int`
 but not `bool`, `Decimal`) and raise otherwise (TypeError, AttributeError,
@@ -119,49 +118,39 @@ def _field_plan(avro_type) -> tuple[Writer | None, bool] | None:
     return None if write is None else (write, nullable)
 
 
-# how a string field is written: its UTF-8 length, then its bytes
-_STRING_LINES = (
-    "data = value.encode()",
-    "size = len(data)",
-    "if size < 64:",
-    "    out += _SMALL[size]",
-    "else:",
-    "    _varint(out, size)",
-    "out += data",
-)
-
-
 def record_encoder(schema: dict) -> Callable[[dict], bytes] | None:
     """An encoder for records of a flat record schema (parsed JSON), or None when
     the schema has a type this module does not write."""
     if schema.get("type") != "record":
         return None
-    # the plan is written out as the body of one function, field after field
-    # (as dataclasses write __init__): a loop over the plan spends a sixth of
-    # the time on unpacking and branching per field
-    lines = ["def encode(record):", "    out = bytearray()"]
-    names = {"_SMALL": _SMALL, "_varint": _varint}
-    for n, field in enumerate(schema["fields"]):
+    fields = []
+    for field in schema["fields"]:
         plan = _field_plan(field["type"])
         if plan is None:
             return None
-        write, nullable = plan
-        indent = "    "
-        lines.append(f"    value = record[{field['name']!r}]")
-        if nullable:
-            # union branch 0 is null; branch 1 (zigzag 2) the value
-            lines += [
-                "    if value is None:",
-                "        out.append(0)",
-                "    else:",
-                "        out.append(2)",
-            ]
-            indent = "        "
-        if write is None:
-            lines += [indent + line for line in _STRING_LINES]
-        else:
-            names[f"_write{n}"] = write
-            lines.append(f"{indent}_write{n}(out, value)")
-    lines.append("    return bytes(out)")
-    exec("\n".join(lines), names)  # field names enter only as repr() literals
-    return names["encode"]
+        fields.append((field["name"], *plan))
+    plan = tuple(fields)
+
+    def encode(record: dict) -> bytes:
+        out = bytearray()
+        for name, write, nullable in plan:
+            value = record[name]
+            if nullable:
+                if value is None:
+                    out.append(0)  # union branch 0: null
+                    continue
+                out.append(2)  # union branch 1, zigzag
+            if write is None:
+                # strings are most fields: written here, a call per field costs 10%
+                data = value.encode()
+                size = len(data)
+                if size < 64:
+                    out += _SMALL[size]
+                else:
+                    _varint(out, size)
+                out += data
+            else:
+                write(out, value)
+        return bytes(out)
+
+    return encode
