@@ -7,6 +7,9 @@ python -m bench.clients paced --url INGRESS --ids FILE --rate R --out FILE
     the latency load: one accepted install postback per line of FILE
     ("<key> <click_id>"), sent open-loop at R per second; writes the Unix
     time each was accepted (200) as {key: seconds} to --out.
+python -m bench.clients roundtrip --config FILE --rate R --count N --out FILE
+    the latency baseline: N records produced at R per second to the broker of
+    FILE and consumed back; writes their latencies (s) as a list to --out.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import json
 import time
 
 import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline import config, kafka
+from pipeline.config import Settings
 
 
 async def raw(url: str, count: int, concurrency: int) -> dict:
@@ -67,6 +74,52 @@ async def paced(url: str, lines: list[str], rate: float, timeout: float) -> dict
     return {"accepted": accepted, "failed": failed}
 
 
+async def roundtrip(settings: Settings, rate: float, count: int, timeout: float) -> list[float]:
+    """Latencies (s) of `count` records produced at `rate` (the ingress's
+    producer settings: acks=all, no linger) and consumed from the same broker
+    (the fetch wait of the pipeline's consumers)."""
+    await kafka.ensure_topics(settings, ["roundtrip"])
+    topic = settings.topic("roundtrip")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, fetch_max_wait_ms=kafka.FETCH_MAX_WAIT_MS
+    )
+    producer = kafka.producer(settings, linger_ms=0)
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)  # resolve the end now, before anything is sent
+        latencies: list[float] = []
+        deadline = time.monotonic() + timeout
+
+        async def receive() -> None:
+            while len(latencies) < count and time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=100)
+                now = time.time()
+                for messages in batch.values():
+                    latencies.extend(now - float(m.value) for m in messages)
+
+        receiver = asyncio.create_task(receive())
+        start, sends = time.monotonic(), []
+        for i in range(count):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            value = repr(time.time()).encode()
+            sends.append(asyncio.create_task(producer.send_and_wait(topic, value, key=b"%d" % i)))
+        await asyncio.gather(*sends)
+        await receiver
+        if len(latencies) < count:
+            raise TimeoutError(f"round trip: {len(latencies)} of {count} records came back")
+        return latencies
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.clients")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -80,8 +133,18 @@ def main() -> None:
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=30)
+    t = sub.add_parser("roundtrip")
+    t.add_argument("--config", required=True)
+    t.add_argument("--rate", type=float, required=True)
+    t.add_argument("--count", type=int, required=True)
+    t.add_argument("--out", required=True)
     args = parser.parse_args()
-    if args.mode == "raw":
+    if args.mode == "roundtrip":
+        settings = config.load(args.config)
+        latencies = asyncio.run(roundtrip(settings, args.rate, args.count, 120))
+        with open(args.out, "w") as f:
+            json.dump(latencies, f)
+    elif args.mode == "raw":
         print(json.dumps(asyncio.run(raw(args.url, args.count, args.concurrency))), flush=True)
     else:
         with open(args.ids) as f:

@@ -5,7 +5,8 @@ p50 and p99 from a postback accepted by the ingress (the 200 seen by
 with ingress, worker and callbacks running and postbacks sent open-loop at
 half the pipeline's capacity measured in the same run; their clicks are in the
 worker's state beforehand. Against p50 and p99 of a bare produce (acks=all) to
-consume round trip through the same broker at the same rate. The note splits
+consume round trip through the same broker at the same rate, measured by a
+process of its own once the pipeline has stopped. The note splits
 the time at the conversion record the worker produced (its Kafka CreateTime).
 
 The capacity is what the whole pipeline does on this machine, every process
@@ -41,50 +42,26 @@ from pipeline.worker.app import TOPICS
 WARM_UP = 20
 
 
-async def roundtrip(settings: Settings, rate: float, count: int, timeout: float) -> list[float]:
-    """Latencies (s) of `count` records produced at `rate` (the ingress's
-    producer settings: acks=all, no linger) and consumed from the same broker
-    (the fetch wait of the pipeline's consumers)."""
-    await kafka.ensure_topics(settings, ["roundtrip"])
-    topic = settings.topic("roundtrip")
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, fetch_max_wait_ms=kafka.FETCH_MAX_WAIT_MS
-    )
-    producer = kafka.producer(settings, linger_ms=0)
-    await consumer.start()
-    await producer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)  # resolve the end now, before anything is sent
-        latencies: list[float] = []
-        deadline = time.monotonic() + timeout
-
-        async def receive() -> None:
-            while len(latencies) < count and time.monotonic() < deadline:
-                batch = await consumer.getmany(timeout_ms=100)
-                now = time.time()
-                for messages in batch.values():
-                    latencies.extend(now - float(m.value) for m in messages)
-
-        receiver = asyncio.create_task(receive())
-        start, sends = time.monotonic(), []
-        for i in range(count):
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            value = repr(time.time()).encode()
-            sends.append(asyncio.create_task(producer.send_and_wait(topic, value, key=b"%d" % i)))
-        await asyncio.gather(*sends)
-        await receiver
-        if len(latencies) < count:
-            raise TimeoutError(f"round trip: {len(latencies)} of {count} records came back")
-        return latencies
-    finally:
-        await producer.stop()
-        await consumer.stop()
+def _roundtrip(stack: Stack, config_path, rate: float, count: int) -> list[float]:
+    """The baseline, in a process of its own like the load generator (this one's
+    heap, grown by the run, would add its GC pauses to the baseline only)."""
+    out = stack.workdir / "latency-roundtrip.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.clients",
+        "roundtrip",
+        "--config",
+        str(config_path),
+        "--rate",
+        f"{rate:.3f}",
+        "--count",
+        str(count),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(argv, cwd=ROOT, check=True, timeout=count / rate + 180)
+    return json.loads(out.read_text())
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -223,7 +200,7 @@ def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds:
             for proc in reversed(procs):
                 stack.stop(proc)
         # the baseline at the same rate, with the broker alone again
-        base_p50, base_p99 = _percentiles(asyncio.run(roundtrip(settings, rate, count, 120)))
+        base_p50, base_p99 = _percentiles(_roundtrip(stack, path, rate, count))
     finally:
         stack.stop(publisher)
     latencies = [received[k] - t for k, t in load["accepted"].items() if k in received]
