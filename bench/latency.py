@@ -6,7 +6,8 @@ with ingress, worker and callbacks running and postbacks sent open-loop at
 half the pipeline's capacity measured in the same run; their clicks are in the
 worker's state beforehand. Against p50 and p99 of a bare produce (acks=all) to
 consume round trip through the same broker at the same rate, measured by a
-process of its own once the pipeline has stopped. The note splits
+process of its own once the pipeline has stopped. The figure has a broker of
+its own, started empty (see `Stack.fresh_broker`). The note splits
 the time at the conversion record the worker produced (its Kafka CreateTime).
 
 The capacity is what the whole pipeline does on this machine, every process
@@ -158,6 +159,7 @@ def _burst(stack: Stack, settings: Settings, click_ids: list[str], listen: str) 
 
 
 def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds: float) -> Figure:
+    stack.fresh_broker()  # the measure of this pipeline, not of what earlier figures left
     burst = max(int(ceiling * burst_seconds), 500)
     most = max(int(ceiling / 2 * seconds), 100)  # the latency load is at most this many
     publisher, listen = start_publisher(stack)

@@ -52,7 +52,7 @@ class Mode:
     capacity_seconds: float  # latency: the burst that measures the capacity, at the ceiling
 
 
-FULL = Mode(10, 64, 100_000, 1_000_000, 500_000, 20_000, 20, 20, 10)
+FULL = Mode(10, 64, 100_000, 1_000_000, 500_000, 60_000, 20, 20, 10)
 QUICK = Mode(3, 64, 8_000, 80_000, 120_000, 5_000, 5, 4, 3)
 
 
