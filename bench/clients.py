@@ -1,4 +1,4 @@
-"""Python load generators of the callback figures, each run as its own process.
+"""Python load generators of the callbacks and latency figures, each its own process.
 
 python -m bench.clients raw --url URL --count N --concurrency C
     the callbacks baseline: N GETs to a publisher, C at a time, with a raw

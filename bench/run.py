@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         "mode": name,
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": report.machine(),
-        "load_generator": f"wrk 4 (1 thread, {mode.connections} connections) for the ingress; "
-        "Python aiohttp clients in their own processes for callbacks and latency",
+        "load_generator": f"wrk 4 (1 thread, {mode.connections} connections) for the ingress "
+        "and the latency figure's capacity burst; Python clients in their own processes for "
+        "callbacks (aiohttp) and the latency load (HTTP/1.1 over asyncio)",
         "settings": mode.__dict__,
         "profiled": args.profile,
         "only": sorted(only),
