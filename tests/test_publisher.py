@@ -17,13 +17,17 @@ from .conftest import make_settings
 pytestmark = pytest.mark.kafka
 
 
-async def test_records_are_acked_in_their_default_partition(tansu):
-    settings = make_settings(tansu, "http://127.0.0.1:1")
+async def started(broker: str):
+    """Settings, the postbacks topic, a started producer and its Publisher."""
+    settings = make_settings(broker, "http://127.0.0.1:1")
     await kafka.ensure_topics(settings, ["postbacks"])
-    topic = settings.topic("postbacks")
     producer = kafka.producer(settings)
     await producer.start()
-    publisher = Publisher(producer)
+    return settings, settings.topic("postbacks"), producer, Publisher(producer)
+
+
+async def test_records_are_acked_in_their_default_partition(tansu):
+    settings, topic, producer, publisher = await started(tansu)
     rng = random.Random(3)
     records = [(rng.randbytes(rng.randrange(1, 60)), b"v%d" % i) for i in range(3000)]
     try:
@@ -54,15 +58,11 @@ async def test_records_are_acked_in_their_default_partition(tansu):
 
 
 async def test_a_failed_batch_fails_every_waiting_request(tansu):
-    settings = make_settings(tansu, "http://127.0.0.1:1")
-    await kafka.ensure_topics(settings, ["clicks"])
-    producer = kafka.producer(settings)
-    await producer.start()
-    publisher = Publisher(producer)
-    await publisher.publish(settings.topic("clicks"), b"first", b"v")
+    _, topic, producer, publisher = await started(tansu)
+    await publisher.publish(topic, b"first", b"v")
     await producer.stop()  # a closed producer refuses every batch
     results = await asyncio.gather(
-        *(publisher.publish(settings.topic("clicks"), b"k%d" % i, b"v") for i in range(20)),
+        *(publisher.publish(topic, b"k%d" % i, b"v") for i in range(20)),
         return_exceptions=True,
     )
     assert all(isinstance(r, KafkaError) for r in results), results
@@ -73,12 +73,7 @@ async def test_added_partitions_are_used_once_the_metadata_shows_them(apache_kaf
     """Tansu cannot add partitions; the Apache Kafka reference can."""
     from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 
-    settings = make_settings(apache_kafka, "http://127.0.0.1:1")
-    await kafka.ensure_topics(settings, ["postbacks"])
-    topic = settings.topic("postbacks")
-    producer = kafka.producer(settings)
-    await producer.start()
-    publisher = Publisher(producer)
+    settings, topic, producer, publisher = await started(apache_kafka)
     admin = AIOKafkaAdminClient(bootstrap_servers=apache_kafka)
     await admin.start()
     count = settings.kafka_partitions + 4
