@@ -186,7 +186,9 @@ async def roundtrip(settings: Settings, rate: float, count: int, timeout: float)
     await consumer.start()
     await producer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        # ensure_topics made it with kafka.partitions (the consumer's metadata may not
+        # know it yet: Apache Kafka answers a consumer without topics with none)
+        tps = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
         for tp in tps:

@@ -115,7 +115,7 @@ async def conversion_times(settings: Settings) -> dict[str, float]:
     await consumer.start()
     try:
         topic = settings.topic("conversions")
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        tps = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
         consumer.assign(tps)
         ends = await kafka.log_end_offsets(settings.kafka_bootstrap, tps)
         await consumer.seek_to_beginning(*tps)
