@@ -53,7 +53,7 @@ class Mode:
 
 
 FULL = Mode(10, 64, 100_000, 1_000_000, 500_000, 60_000, 20, 20, 10)
-QUICK = Mode(3, 64, 8_000, 80_000, 120_000, 5_000, 5, 4, 3)
+QUICK = Mode(3, 64, 8_000, 80_000, 120_000, 15_000, 5, 4, 3)
 
 
 def guarded(names: list[str], goals: list[str], measure) -> list[Figure]:
