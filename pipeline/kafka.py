@@ -107,17 +107,15 @@ async def send_records(
 ) -> list[tuple[asyncio.Future, int]]:
     """Hand (key, value) records of one partition to the producer as record batches:
     one, or more when they outgrow a batch. Returns each batch's delivery future with
-    its record count, in order (a batch's last offset is its base offset + count - 1)."""
+    its record count, in order (a batch's last offset is its base offset + count - 1).
+    An empty batch takes any record, however large (as the producer's own send does)."""
     sent = []
     batch, count = producer.create_batch(), 0
     for key, value in records:
         if batch.append(timestamp=None, key=key, value=value) is None:  # full
-            if count == 0:
-                raise ValueError(f"a record of {len(value or b'')} bytes exceeds a batch")
             sent.append((await producer.send_batch(batch, topic, partition=partition), count))
             batch, count = producer.create_batch(), 0
-            if batch.append(timestamp=None, key=key, value=value) is None:
-                raise ValueError(f"a record of {len(value or b'')} bytes exceeds a batch")
+            batch.append(timestamp=None, key=key, value=value)
         count += 1
     if count:
         sent.append((await producer.send_batch(batch, topic, partition=partition), count))

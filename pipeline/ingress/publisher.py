@@ -31,14 +31,13 @@ from pipeline.partitioner import partition
 
 
 class _Batch:
-    __slots__ = ("builder", "waiters", "handed", "task")
+    __slots__ = ("builder", "waiters", "handed")
 
     def __init__(self, builder, handed: asyncio.Future):
         self.builder = builder
         self.waiters: list[asyncio.Future] = []
         # resolved once this batch is in the producer's queue (or failed to get there)
         self.handed = handed
-        self.task: asyncio.Task | None = None
 
 
 class Publisher:
@@ -78,7 +77,7 @@ class Publisher:
         batch = _Batch(self.producer.create_batch(), loop.create_future())
         previous = self._last.get(tp)
         self._open[tp] = self._last[tp] = batch
-        batch.task = task = loop.create_task(self._send(tp, batch, previous))
+        task = loop.create_task(self._send(tp, batch, previous))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return batch
