@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,8 +159,12 @@ def _burst(stack: Stack, settings: Settings, click_ids: list[str], listen: str) 
     return {"per_s": len(click_ids) / took, "seconds": took}
 
 
-def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds: float) -> Figure:
-    stack.fresh_broker()  # the measure of this pipeline, not of what earlier figures left
+def measure_latency(
+    stack: Stack, ceiling: float, seconds: float, burst_seconds: float, reference: bool = False
+) -> Figure:
+    """The figure on a fresh Tansu, or with `reference` on a fresh Apache Kafka."""
+    # the measure of this pipeline, not of what earlier figures left
+    stack.fresh_broker(reference)
     burst = max(int(ceiling * burst_seconds), 500)
     most = max(int(ceiling / 2 * seconds), 100)  # the latency load is at most this many
     publisher, listen = start_publisher(stack)
@@ -256,3 +261,25 @@ def measure_latency(stack: Stack, ceiling: float, seconds: float, burst_seconds:
             "callback_hop_p50_p99_s": _percentiles(callback_hop) if callback_hop else None,
         },
     )
+
+
+def add_reference(stack: Stack, figure: Figure, ceiling: float, seconds: float, burst: float):
+    """The same measurement on Apache Kafka, the reference broker, in the figure's note
+    and numbers (the figure's value stays Tansu's, the broker of `make bench-quick` and
+    of every run without java and mvn). Tansu's own fetch wait and tail are in both of
+    its p99s; Apache Kafka's round trip is about a millisecond, so this ratio is the
+    pipeline's own."""
+    if not (shutil.which("java") and shutil.which("mvn")):
+        figure.note += "; not measured on Apache Kafka: java or mvn missing"
+        return
+    try:
+        ref = measure_latency(stack, ceiling, seconds, burst, reference=True)
+    except Exception as exc:  # noqa: BLE001 - the Tansu figure stands; say why in its note
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        figure.note += f"; on Apache Kafka: failed: {type(exc).__name__}: {first}"
+        return
+    figure.note += (
+        f". ON APACHE KAFKA (the reference broker, same code and method): p99 ratio "
+        f"{ref.value:.2f} ({ref.measured}; {ref.baseline}; {ref.note})"
+    )
+    figure.numbers["apache_kafka"] = {"value": ref.value, **ref.numbers}

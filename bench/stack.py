@@ -102,14 +102,23 @@ class Stack:
         self.clickhouse_url = f"http://127.0.0.1:{port}"
         return self
 
-    def fresh_broker(self) -> None:
+    def fresh_broker(self, reference: bool = False) -> None:
         """Replace the broker with a new, empty one (for what follows). Late in a full
         run, holding the earlier figures' topics and millions of records, Tansu
         answered much slower: a bare produce -> consume round trip at about 2,400/s
-        had a p99 of 252 ms there, 30 ms on a fresh broker."""
+        had a p99 of 252 ms there, 30 ms on a fresh broker. With `reference`, the new
+        broker is Apache Kafka (KRaft, from the jars the tests use: java and mvn)."""
         self.kafka.stop()
-        log = self.workdir / f"tansu-{int(time.time())}.log"
-        self.kafka = EmbeddedKafka(f"127.0.0.1:{free_port()}", log)
+        stamp = int(time.time())
+        if reference:
+            from tests.apache_kafka import ApacheKafka  # the tests' reference broker
+
+            workdir = self.workdir / f"apache-kafka-{stamp}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.kafka = ApacheKafka(workdir)
+        else:
+            log = self.workdir / f"tansu-{stamp}.log"
+            self.kafka = EmbeddedKafka(f"127.0.0.1:{free_port()}", log)
         self.kafka.start()
 
     @property

@@ -91,9 +91,9 @@ class CallbackService:
     def __init__(
         self,
         settings: Settings,
-        # requests at once per publisher: 16 capped one publisher at about 2,000
-        # callbacks/s once its answers took 8 ms (bench latency on Apache Kafka: the
-        # callback hop's p50 was 450-900 ms at 2,000/s with 16, 55 ms with 64)
+        # requests at once per publisher: 16 would cap a publisher whose answers take
+        # 8 ms at 2,000 callbacks/s, 64 at 8,000/s (on the latency benchmark, a publisher
+        # answering at once, neither was steadily faster than the other)
         concurrency: int = 64,
         pending: int = 256,
         window: int = 10_000,
