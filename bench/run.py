@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                     ["latency"], ["<= 3"], lambda: [latency.measure_latency(stack, *args_)]
                 )
                 if not args.quick and figures[-1].value is not None:
-                    print("-- latency on Apache Kafka ...", flush=True)
-                    latency.add_reference(stack, figures[-1], *args_)
+                    print("-- latency on Apache Kafka, the reference broker ...", flush=True)
+                    figures[-1] = latency.on_reference(stack, figures[-1], *args_)
+                    print(f"   latency: {report.shown(figures[-1].value)}", flush=True)
             else:
                 figures.append(not_measured("latency", "<= 3", "capacity figures failed"))
         else:
