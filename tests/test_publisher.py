@@ -7,7 +7,7 @@ import random
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NotLeaderForPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline import kafka
@@ -18,11 +18,11 @@ from .conftest import make_settings
 pytestmark = pytest.mark.kafka
 
 
-async def started(broker: str):
+async def started(broker: str, **options):
     """Settings, the postbacks topic, a started producer and its Publisher."""
     settings = make_settings(broker, "http://127.0.0.1:1")
     await kafka.ensure_topics(settings, ["postbacks"])
-    producer = kafka.producer(settings)
+    producer = kafka.producer(settings, **options)
     await producer.start()
     return settings, settings.topic("postbacks"), producer, Publisher(producer)
 
@@ -114,6 +114,38 @@ async def test_a_lost_produce_request_is_sent_again(tansu):
     # the broker may have stored the lost request too (at least once)
     values = [m.value for m in await consume(tansu, topic, 51)]
     assert values.count(b"lost") >= 50
+
+
+async def test_a_record_without_a_partition_leader_fails_after_the_request_timeout(tansu):
+    _, topic, producer, publisher = await started(tansu, request_timeout_ms=300)
+    await publisher.publish(topic, b"warm", b"up")
+    # as if the metadata had lost the leaders
+    producer.client.cluster.leader_for_partition = lambda tp: None
+    try:
+        with pytest.raises(NotLeaderForPartitionError):
+            await publisher.publish(topic, b"k", b"never")
+        await publisher.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_a_record_waits_for_its_partition_leader(tansu):
+    _, topic, producer, publisher = await started(tansu)
+    await publisher.publish(topic, b"warm", b"up")
+    cluster = producer.client.cluster
+    known = cluster.leader_for_partition
+    cluster.leader_for_partition = lambda tp: None
+    try:
+        waiting = asyncio.ensure_future(publisher.publish(topic, b"k", b"later"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # no leader, nowhere to send it
+        cluster.leader_for_partition = known  # back (well before the request timeout)
+        await waiting
+        await publisher.flush()
+    finally:
+        cluster.leader_for_partition = known
+        await producer.stop()
 
 
 async def test_a_failed_batch_fails_every_waiting_request(tansu):

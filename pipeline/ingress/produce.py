@@ -93,6 +93,10 @@ class Produce:
                 batch.fail(KafkaError(f"produce request failed: {error!r}"))
             return retry
         else:
+            if response is None:  # acks=0: the broker answers nothing
+                for batch in batches.values():
+                    batch.done()
+                return retry
             pending = dict(batches)
             for topic, partitions in response.topics:
                 for answer in partitions:

@@ -55,7 +55,7 @@ class Publisher:
         self._busy: set[int] = set()  # brokers with a produce request in flight
         self._tasks: set[asyncio.Task] = set()
         self._scheduled = False
-        self._metadata: asyncio.Future | None = None
+        self._recheck: asyncio.TimerHandle | None = None
         # the producer learns about added partitions from metadata; so do we, when it does
         # (not per record: that copied the topic's partitions into a set every time)
         self._cluster.add_listener(self._metadata_updated)
@@ -120,13 +120,16 @@ class Publisher:
             task = asyncio.get_running_loop().create_task(self._send(node_id, batches))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if unknown and self._metadata is None:
-            # try again once the metadata is refreshed (the client backs off between tries)
-            self._metadata = self.producer.client.force_metadata_update()
-            self._metadata.add_done_callback(self._metadata_refreshed)
+        if unknown and self._recheck is None:
+            # ask for fresh metadata (its listener reschedules us) and look again after
+            # the backoff in any case: a batch without a leader fails once it expires
+            self.producer.client.force_metadata_update()
+            self._recheck = asyncio.get_running_loop().call_later(
+                self._produce.backoff, self._recheck_leaders
+            )
 
-    def _metadata_refreshed(self, _: asyncio.Future) -> None:
-        self._metadata = None
+    def _recheck_leaders(self) -> None:
+        self._recheck = None
         self._schedule()
 
     def _pop(self, tp: tuple[str, int], queue: deque[Batch]) -> Batch:
