@@ -51,6 +51,9 @@ class Batch:
 
 class Produce:
     def __init__(self, producer: AIOKafkaProducer):
+        # the producer's own settings, so both paths behave alike; aiokafka keeps them
+        # private (the version is pinned in requirements.lock; tests/test_produce.py
+        # reads them through a real producer)
         self.client = producer.client
         self.acks = producer._sender._acks
         self.timeout_ms = producer._request_timeout_ms
