@@ -6,6 +6,7 @@ producer's request timeout is over."""
 import asyncio
 from types import SimpleNamespace
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaError,
@@ -43,17 +44,27 @@ class Broker:
         return done
 
 
-def produce(broker: Broker, timeout_ms: int = 5000) -> Produce:
-    """A Produce on an unstarted producer, its client replaced by `broker`."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers="127.0.0.1:1",
-        acks="all",
-        request_timeout_ms=timeout_ms,
-        retry_backoff_ms=1,
-    )
-    p = Produce(producer)
-    p.client, p.producer = broker, producer
-    return p
+@pytest.fixture
+async def produce():
+    """Makes a Produce on an unstarted producer, its client replaced by a Broker;
+    stops the producers afterwards."""
+    producers = []
+
+    def make(broker: Broker, timeout_ms: int = 5000) -> Produce:
+        producer = AIOKafkaProducer(
+            bootstrap_servers="127.0.0.1:1",
+            acks="all",
+            request_timeout_ms=timeout_ms,
+            retry_backoff_ms=1,
+        )
+        producers.append(producer)
+        p = Produce(producer)
+        p.client, p.producer = broker, producer
+        return p
+
+    yield make
+    for producer in producers:
+        await producer.stop()
 
 
 def batches(p: Produce, *parts: int) -> dict:
@@ -71,7 +82,7 @@ def waiter(batch: Batch) -> asyncio.Future:
     return batch.waiters[0]
 
 
-async def test_acknowledged_partitions_are_delivered_the_others_fail_with_their_error():
+async def test_acknowledged_partitions_are_delivered_the_others_fail_with_their_error(produce):
     p = produce(Broker({0: 0, 1: MessageSizeTooLargeError.errno}))
     sent = batches(p, 0, 1)
     assert await p.send(1, sent) == {}
@@ -79,7 +90,7 @@ async def test_acknowledged_partitions_are_delivered_the_others_fail_with_their_
     assert isinstance(waiter(sent[(TOPIC, 1)]).exception(), MessageSizeTooLargeError)
 
 
-async def test_a_retriable_error_hands_the_batch_back_after_a_metadata_refresh():
+async def test_a_retriable_error_hands_the_batch_back_after_a_metadata_refresh(produce):
     broker = Broker({0: 0, 1: NotLeaderForPartitionError.errno})
     p = produce(broker)
     sent = batches(p, 0, 1)
@@ -90,7 +101,7 @@ async def test_a_retriable_error_hands_the_batch_back_after_a_metadata_refresh()
     assert broker.metadata_updates == 1
 
 
-async def test_a_lost_request_is_retried_until_the_request_timeout_is_over():
+async def test_a_lost_request_is_retried_until_the_request_timeout_is_over(produce):
     broker = Broker(RequestTimedOutError())
     p = produce(broker, timeout_ms=50)
     sent = batches(p, 0)
@@ -102,14 +113,14 @@ async def test_a_lost_request_is_retried_until_the_request_timeout_is_over():
     assert broker.metadata_updates == 0  # a timeout says nothing about the metadata
 
 
-async def test_a_partition_the_broker_did_not_answer_for_fails():
+async def test_a_partition_the_broker_did_not_answer_for_fails(produce):
     p = produce(Broker({0: 0}))
     sent = batches(p, 0, 1)
     assert await p.send(1, sent) == {}
     assert isinstance(waiter(sent[(TOPIC, 1)]).exception(), KafkaError)
 
 
-async def test_a_cancelled_request_is_left_alone():
+async def test_a_cancelled_request_is_left_alone(produce):
     p = produce(Broker({0: 0}))
     sent = batches(p, 0)
     waiter(sent[(TOPIC, 0)]).cancel()  # its HTTP request went away
