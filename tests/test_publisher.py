@@ -1,12 +1,13 @@
 """The ingress's batching publisher against a real broker: every record where
-Kafka's default partitioner puts it, acknowledged before publish() returns."""
+Kafka's default partitioner puts it, acknowledged before publish() returns, in
+publish order per partition, also when a produce request is lost on the way."""
 
 import asyncio
 import random
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NotLeaderForPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline import kafka
@@ -17,11 +18,11 @@ from .conftest import make_settings
 pytestmark = pytest.mark.kafka
 
 
-async def started(broker: str):
+async def started(broker: str, **options):
     """Settings, the postbacks topic, a started producer and its Publisher."""
     settings = make_settings(broker, "http://127.0.0.1:1")
     await kafka.ensure_topics(settings, ["postbacks"])
-    producer = kafka.producer(settings)
+    producer = kafka.producer(settings, **options)
     await producer.start()
     return settings, settings.topic("postbacks"), producer, Publisher(producer)
 
@@ -55,6 +56,96 @@ async def test_records_are_acked_in_their_default_partition(tansu):
     default = DefaultPartitioner()
     for key, value in records:
         assert seen[value] == (key, default(key, partitions, partitions))
+
+
+async def consume(bootstrap: str, topic: str, count: int) -> list:
+    """The first `count` messages of the topic, each partition's in offset order."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    messages = []
+    try:
+        while len(messages) < count:
+            batch = await consumer.getmany(timeout_ms=5000)
+            assert batch, f"only {len(messages)} of {count} records in the topic"
+            for part in batch.values():
+                messages += part
+    finally:
+        await consumer.stop()
+    return messages
+
+
+async def test_records_of_a_partition_arrive_in_publish_order(broker):
+    _, topic, producer, publisher = await started(broker)
+    # several rounds of produce requests: a batch per request and partition, and
+    # batches queued behind the one in flight
+    values = [b"%d" % i for i in range(2000)]
+    try:
+        await asyncio.gather(
+            *(publisher.publish(topic, b"k%d" % (i % 3), v) for i, v in enumerate(values))
+        )
+        await publisher.flush()
+    finally:
+        await producer.stop()
+    by_key: dict[bytes, list[int]] = {}
+    for m in await consume(broker, topic, len(values)):
+        by_key.setdefault(m.key, []).append(int(m.value))
+    assert sorted(by_key) == [b"k0", b"k1", b"k2"]
+    for key, order in by_key.items():
+        assert order == sorted(order), key
+        assert len(order) == len(set(order))
+
+
+async def test_a_lost_produce_request_is_sent_again(tansu):
+    _, topic, producer, publisher = await started(tansu)
+    await publisher.publish(topic, b"warm", b"up")  # connected, metadata known
+    sent = [asyncio.ensure_future(publisher.publish(topic, b"k%d" % i, b"lost")) for i in range(50)]
+    conns = list(producer.client._conns.values())
+    while not any(c._requests for c in conns):  # the produce request is on its way
+        await asyncio.sleep(0)
+    for conn in conns:
+        conn.close()  # its answer never arrives: a retriable connection error
+    try:
+        await asyncio.gather(*sent)  # delivered by the retry
+        await publisher.flush()
+    finally:
+        await producer.stop()
+    # the broker may have stored the lost request too (at least once)
+    values = [m.value for m in await consume(tansu, topic, 51)]
+    assert values.count(b"lost") >= 50
+
+
+async def test_a_record_without_a_partition_leader_fails_after_the_request_timeout(tansu):
+    _, topic, producer, publisher = await started(tansu, request_timeout_ms=300)
+    await publisher.publish(topic, b"warm", b"up")
+    # as if the metadata had lost the leaders
+    producer.client.cluster.leader_for_partition = lambda tp: None
+    try:
+        with pytest.raises(NotLeaderForPartitionError):
+            await publisher.publish(topic, b"k", b"never")
+        await publisher.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_a_record_waits_for_its_partition_leader(tansu):
+    _, topic, producer, publisher = await started(tansu)
+    await publisher.publish(topic, b"warm", b"up")
+    cluster = producer.client.cluster
+    known = cluster.leader_for_partition
+    cluster.leader_for_partition = lambda tp: None
+    try:
+        waiting = asyncio.ensure_future(publisher.publish(topic, b"k", b"later"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # no leader, nowhere to send it
+        cluster.leader_for_partition = known  # back (well before the request timeout)
+        await waiting
+        await publisher.flush()
+    finally:
+        cluster.leader_for_partition = known
+        await producer.stop()
 
 
 async def test_a_failed_batch_fails_every_waiting_request(tansu):

@@ -1,61 +1,71 @@
-"""Publishing many small records through one aiokafka producer, batch by batch.
+"""Publishing many small records through one aiokafka client, batch by batch.
 
 The ingress sends one record per HTTP request and must answer only once that
 record is acknowledged (acks=all). aiokafka's `send()` costs a partitioner
-call, a coroutine, a future and a metadata object per record; here the
-records of one partition are appended to a batch of our own
-(`producer.create_batch()`) that is handed to the producer with
-`send_batch()`, so a batch costs one future and one task, and a record costs
-an append and the future its request waits on.
+call, a coroutine, a future and a metadata object per record, and even its
+`send_batch()` a task, a coroutine chain and three futures per batch, woken
+by a sender task per produce request. Here the records of one partition are
+appended to a record batch of our own (`producer.create_batch()`), and the
+ready batches of every partition led by a broker leave as ONE produce request
+(`pipeline.ingress.produce`) sent on the producer's client, as aiokafka's
+sender would send them; the broker's answer resolves the requests' futures
+directly.
 
 Contract of `Publisher.publish`: it returns once the broker acknowledged the
-batch holding the record (with the producer's acks), or raises the producer's
-error (KafkaError, TimeoutError) when the batch could not be delivered. A
-record goes to the partition Kafka's default partitioner picks for its key
+batch holding the record (with the producer's acks), or raises a KafkaError
+when the batch could not be delivered: a non-retriable error, or a retriable
+one (leader moved, connection lost, request timed out) that outlived the
+producer's request timeout; retriable errors are retried after the producer's
+retry backoff, with fresh metadata when the error says it is stale. A record
+goes to the partition Kafka's default partitioner picks for its key
 (`pipeline.partitioner`) over the partition count of the producer's latest
 metadata, so consumers co-partitioned by key see it where they would with
-`producer.send()`. Records of a partition are handed to the
-producer in the order they were published; a batch stays open for appends
-until the producer takes it (after its linger, or once the previous request
-to the broker returned), as with `send()`.
+`producer.send()`. Records of a partition reach the broker in the order they
+were published: a partition has at most one batch in flight, a retried batch
+goes before the partition's newer ones. A batch stays open for appends until
+the next produce request to its leader leaves (at once when none is in
+flight, else when the one in flight returns), as with `send()` and no linger.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import time
+from collections import deque
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import LeaderNotAvailableError, NotLeaderForPartitionError, ProducerClosed
+from aiokafka.structs import TopicPartition
 
+from pipeline.ingress.produce import Batch, Produce
 from pipeline.partitioner import partition
-
-
-class _Batch:
-    __slots__ = ("builder", "waiters", "handed")
-
-    def __init__(self, builder, handed: asyncio.Future):
-        self.builder = builder
-        self.waiters: list[asyncio.Future] = []
-        # resolved once this batch is in the producer's queue (or failed to get there)
-        self.handed = handed
 
 
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer):
+        if producer._txn_manager is not None:
+            # idempotence and transactions need sequence numbers aiokafka's sender keeps
+            raise ValueError("the publisher needs a producer without idempotence")
         self.producer = producer
+        self._cluster = producer.client.cluster
+        self._produce = Produce(producer)
         self._counts: dict[str, int] = {}  # topic -> partitions
-        self._open: dict[tuple[str, int], _Batch] = {}
-        self._last: dict[tuple[str, int], _Batch] = {}  # the newest batch of a partition
+        self._queues: dict[tuple[str, int], deque[Batch]] = {}  # oldest first; last one open
+        self._sending: set[tuple[str, int]] = set()  # partitions with a batch in flight
+        self._busy: set[int] = set()  # brokers with a produce request in flight
         self._tasks: set[asyncio.Task] = set()
+        self._scheduled = False
+        self._recheck: asyncio.TimerHandle | None = None
         # the producer learns about added partitions from metadata; so do we, when it does
-        # (not per batch: that copied the topic's partitions into a set every time)
-        producer.client.cluster.add_listener(self._metadata_updated)
+        # (not per record: that copied the topic's partitions into a set every time)
+        self._cluster.add_listener(self._metadata_updated)
 
     def _metadata_updated(self, cluster) -> None:
         for topic in self._counts:
             known = cluster.partitions_for_topic(topic)
             if known:
                 self._counts[topic] = len(known)
+        self._schedule()  # a partition may have found its leader
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """Append the record to its partition's open batch and wait for the acks."""
@@ -63,64 +73,98 @@ class Publisher:
         if count is None:
             count = self._counts[topic] = len(await self.producer.partitions_for(topic))
         tp = (topic, partition(key, count))
-        batch = self._open.get(tp)
-        # append() answers None once the batch is full or taken by the producer
-        if batch is None or batch.builder.append(timestamp=None, key=key, value=value) is None:
-            batch = self._start(tp)
+        queue = self._queues.get(tp)
+        # append() answers None once the batch is full or built for a request
+        if queue is None or queue[-1].builder.append(timestamp=None, key=key, value=value) is None:
+            batch = Batch(self.producer.create_batch())
             batch.builder.append(timestamp=None, key=key, value=value)  # a first one always fits
+            if queue is None:
+                self._queues[tp] = deque((batch,))
+            else:
+                queue.append(batch)
+            self._schedule()
+        else:
+            batch = queue[-1]
         waiter = asyncio.get_running_loop().create_future()
         batch.waiters.append(waiter)
         await waiter
 
-    def _start(self, tp: tuple[str, int]) -> _Batch:
-        loop = asyncio.get_running_loop()
-        batch = _Batch(self.producer.create_batch(), loop.create_future())
-        previous = self._last.get(tp)
-        self._open[tp] = self._last[tp] = batch
-        task = loop.create_task(self._send(tp, batch, previous))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _schedule(self) -> None:
+        # the next loop iteration: the records of this one's requests join the batches
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_ready)
+
+    def _send_ready(self) -> None:
+        """Send every partition's oldest batch whose leader has no request in flight."""
+        self._scheduled = False
+        closed = self.producer._closed
+        by_node: dict[int, dict[tuple[str, int], Batch]] = {}
+        unknown = False
+        now = time.monotonic()
+        for tp, queue in list(self._queues.items()):
+            if tp in self._sending:
+                continue
+            leader = self._cluster.leader_for_partition(TopicPartition(*tp))
+            if closed or leader is None or leader == -1:
+                if closed or self._produce.expired(queue[0], now):
+                    self._pop(tp, queue).fail(_no_leader(closed, leader))
+                else:
+                    unknown = True
+                continue
+            if leader not in self._busy:
+                by_node.setdefault(leader, {})[tp] = self._pop(tp, queue)
+        for node_id, batches in by_node.items():
+            self._busy.add(node_id)
+            self._sending.update(batches)
+            task = asyncio.get_running_loop().create_task(self._send(node_id, batches))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if unknown and self._recheck is None:
+            # ask for fresh metadata (its listener reschedules us) and look again after
+            # the backoff in any case: a batch without a leader fails once it expires
+            self.producer.client.force_metadata_update()
+            self._recheck = asyncio.get_running_loop().call_later(
+                self._produce.backoff, self._recheck_leaders
+            )
+
+    def _recheck_leaders(self) -> None:
+        self._recheck = None
+        self._schedule()
+
+    def _pop(self, tp: tuple[str, int], queue: deque[Batch]) -> Batch:
+        batch = queue.popleft()
+        if not queue:
+            del self._queues[tp]
         return batch
 
-    async def _send(self, tp: tuple[str, int], batch: _Batch, previous: _Batch | None) -> None:
-        topic, part = tp
-        error: BaseException | None = None
+    async def _send(self, node_id: int, batches: dict[tuple[str, int], Batch]) -> None:
         try:
-            if previous is not None and not previous.handed.done():
-                await asyncio.wait([previous.handed])  # keep the partition's order
-            try:
-                delivered = await self.producer.send_batch(batch.builder, topic, partition=part)
-            finally:
-                batch.handed.set_result(None)
-            await delivered
-        except asyncio.CancelledError as e:
-            error = e
-            raise
-        except Exception as e:  # noqa: BLE001 - handed to every request waiting on the batch
-            error = e
+            retry = await self._produce.send(node_id, batches)
         finally:
-            self._finish(tp, batch, error)
-
-    def _finish(self, tp: tuple[str, int], batch: _Batch, error: BaseException | None) -> None:
-        batch.builder.close()  # no more appends: a batch that failed is never sent
-        if not batch.handed.done():
-            batch.handed.set_result(None)
-        if self._open.get(tp) is batch:
-            del self._open[tp]
-        if self._last.get(tp) is batch:
-            del self._last[tp]
-        for waiter in batch.waiters:
-            if waiter.done():
-                continue  # its request was cancelled
-            if error is None:
-                waiter.set_result(None)
-            elif isinstance(error, asyncio.CancelledError):
-                waiter.cancel()
+            self._busy.discard(node_id)
+            self._sending.difference_update(batches)
+        # retried batches go back in front of their partitions' newer batches
+        for tp, batch in retry.items():
+            queue = self._queues.get(tp)
+            if queue is None:
+                self._queues[tp] = deque((batch,))
             else:
-                # a copy each, so tracebacks do not pile up on one exception object
-                waiter.set_exception(copy.copy(error))
+                queue.appendleft(batch)
+        self._schedule()
 
     async def flush(self) -> None:
         """Wait until every batch started so far is delivered or failed."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        while self._queues or self._tasks:
+            self._schedule()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            else:  # waiting for a leader: the batches expire at the latest
+                await asyncio.sleep(self._produce.backoff)
+
+
+def _no_leader(closed: bool, leader: int | None) -> Exception:
+    """The error aiokafka's producer gives a batch that found no leader in time."""
+    if closed:
+        return ProducerClosed()
+    return NotLeaderForPartitionError() if leader is None else LeaderNotAvailableError()
