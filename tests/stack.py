@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from pipeline.embedded.kafka import die_with_parent
 from pipeline.ingress.app import build_app
@@ -68,10 +69,17 @@ def stop_component(proc: subprocess.Popen, timeout: float = 30) -> int:
 
 
 async def rows_eventually(ch, sql: str, expected_count: int, timeout: float = 60):
-    """Poll ClickHouse until `sql` returns at least `expected_count` rows."""
+    """Poll ClickHouse until `sql` returns at least `expected_count` rows. A database or
+    table not there yet counts as no rows: the sink creates them when it starts, which
+    can be after the first rows were sent."""
 
     def check():
-        result = ch.query(sql).result_rows
+        try:
+            result = ch.query(sql).result_rows
+        except DatabaseError as e:
+            if "UNKNOWN_DATABASE" in str(e) or "UNKNOWN_TABLE" in str(e):
+                return None
+            raise
         return result if len(result) >= expected_count else None
 
     return await asyncio.to_thread(
