@@ -18,14 +18,19 @@ from pipeline import kafka
 pytestmark = pytest.mark.kafka
 
 
-async def test_log_end_offsets_count_every_record_of_the_last_batch(tansu):
-    topic = f"log-end-offsets-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=tansu)
+async def new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, 2, 1)])
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         await admin.close()
+    return topic
+
+
+async def test_log_end_offsets_count_every_record_of_the_last_batch(tansu):
+    topic = await new_topic(tansu, "log-end-offsets", 2)
     tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
     assert await kafka.log_end_offsets(tansu, tps) == {tps[0]: 0, tps[1]: 0}
 
@@ -43,13 +48,7 @@ async def test_log_end_offsets_count_every_record_of_the_last_batch(tansu):
 async def test_send_records_splits_full_batches_and_counts_each(tansu):
     """Records that outgrow a batch go in several, in order; each future's offset plus
     its count is where the next batch starts. An empty batch takes an oversize record."""
-    topic = f"send-records-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=tansu)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    topic = await new_topic(tansu, "send-records", 1)
     records = [(b"k%d" % i, b"v" * 100) for i in range(30)]
     records.insert(10, (b"big", b"b" * 5000))  # larger than a whole batch
     producer = AIOKafkaProducer(bootstrap_servers=tansu, acks="all", max_batch_size=1024)

@@ -38,20 +38,7 @@ async def test_records_are_acked_in_their_default_partition(tansu):
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=tansu, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    seen = {}
-    try:
-        while len(seen) < len(records):
-            batch = await consumer.getmany(timeout_ms=5000)
-            assert batch, f"only {len(seen)} of {len(records)} records in the topic"
-            for tp, messages in batch.items():
-                for m in messages:
-                    seen[m.value] = (m.key, tp.partition)
-    finally:
-        await consumer.stop()
+    seen = {m.value: (m.key, m.partition) for m in await consume(tansu, topic, len(records))}
     partitions = list(range(settings.kafka_partitions))
     default = DefaultPartitioner()
     for key, value in records:
@@ -178,22 +165,8 @@ async def test_added_partitions_are_used_once_the_metadata_shows_them(apache_kaf
         await admin.close()
         await publisher.flush()
         await producer.stop()
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=apache_kafka,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    seen = {}
-    try:
-        while len(seen) < len(keys):
-            batch = await consumer.getmany(timeout_ms=5000)
-            assert batch, f"only {len(seen)} of {len(keys)} records in the topic"
-            for tp, messages in batch.items():
-                seen.update((m.key, tp.partition) for m in messages if m.value == b"after")
-    finally:
-        await consumer.stop()
+    messages = await consume(apache_kafka, topic, 1 + len(keys))  # "before" and the keys
+    seen = {m.key: m.partition for m in messages if m.value == b"after"}
     partitions = list(range(count))
     default = DefaultPartitioner()
     assert seen == {k: default(k, partitions, partitions) for k in keys}
