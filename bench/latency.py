@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from bench.worker import wait_state
 from pipeline import codec, kafka
 from pipeline.config import Settings
 from pipeline.worker.app import TOPICS
+from tests.apache_kafka import ApacheKafka  # the reference broker of the tests
 
 WARM_UP = 20
 # A JVM broker compiles its hot paths in its first minute: a fresh Apache Kafka took
@@ -279,8 +279,9 @@ def on_reference(stack: Stack, tansu: Figure, ceiling: float, seconds: float, bu
     the ratio; Apache Kafka's round trip is about a millisecond, so its ratio is the
     pipeline's own. Without java and mvn, or when the broker fails, `tansu` stays the
     figure and its note says why."""
-    if not (shutil.which("java") and shutil.which("mvn")):
-        tansu.note += "; not measured on Apache Kafka: java or mvn missing"
+    unavailable = ApacheKafka.unavailable_reason()
+    if unavailable:
+        tansu.note += f"; not measured on Apache Kafka: {unavailable}"
         return tansu
     try:
         ref = measure_latency(stack, ceiling, seconds, burst, reference=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import profile
 from pipeline import config
 from pipeline.embedded.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
+from tests.apache_kafka import ApacheKafka  # the reference broker of the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "deploy" / "example.toml"
@@ -111,8 +112,6 @@ class Stack:
         self.kafka.stop()
         stamp = int(time.time())
         if reference:
-            from tests.apache_kafka import ApacheKafka  # the tests' reference broker
-
             workdir = self.workdir / f"apache-kafka-{stamp}"
             workdir.mkdir(parents=True, exist_ok=True)
             self.kafka = ApacheKafka(workdir)
