@@ -329,3 +329,38 @@ async def test_a_fetched_batch_is_handled_record_by_record_on_its_partition(work
     changelog = [m for m in w.sent if m.topic == w.state.changelog_topic.get_topic_name()]
     assert {m.partition for m in changelog} == {2}
     assert {loads(w.state[k])["p"] for k in keys} == {2}
+
+
+def test_a_fetch_is_handled_in_groups_of_at_most_chunk_records_in_offset_order():
+    from pipeline.worker.consumer import _groups
+
+    a, b, c = TP("clicks", 0), TP("clicks", 1), TP("postbacks", 0)
+    batches = {a: list(range(5)), b: list(range(3)), c: list(range(2))}
+    groups = list(_groups(batches, 4))
+    # every record once, each partition's in order, no group over 4 records
+    assert groups == [[(a, [0, 1, 2, 3])], [(a, [4]), (b, [0, 1, 2])], [(c, [0, 1])]]
+    assert list(_groups({a: [0, 1], b: [0]}, 4)) == [[(a, [0, 1]), (b, [0])]]
+    assert list(_groups({}, 4)) == []
+
+
+def test_fetches_wait_for_a_few_milliseconds_of_records_only_when_busy():
+    from pipeline.worker.consumer import Coalescer
+
+    c = Coalescer(span=0.008, window=0.1, most=64 * 1024)
+    # 100 KB/s in 200-byte records (500/s): 800 bytes a span, once a window is measured
+    now = 0.0
+    assert c.batch(200, now) == 1
+    while now < 0.1:
+        now += 0.002
+        got = c.batch(200, now)
+    assert 780 <= got <= 840  # int(200 / 0.002 * 0.008), give or take the first record
+    # light traffic (one 200-byte record every 50 ms) needs under a record: no wait
+    for _ in range(5):
+        now += 0.05
+        light = c.batch(200, now)
+    assert light <= 200
+    # a lull longer than the window answers the next fetch at once
+    assert c.batch(200, now + 1.0) == 1
+    # a flood is capped
+    flood = Coalescer(span=0.008, window=0.1, most=64 * 1024)
+    assert [flood.batch(1_000_000, t / 100) for t in range(12)][-1] == 64 * 1024
