@@ -9,11 +9,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from pipeline.services import settle_heap
+
 
 async def serve(app: web.Application, host: str, port: int) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
+    settle_heap()  # as the pipeline's components do
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

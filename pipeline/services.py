@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -18,6 +19,19 @@ from aiohttp import web
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+def settle_heap() -> None:
+    """Take what start-up built out of the cyclic collector's reach (`gc.freeze`).
+
+    A full collection walks every tracked object, and a started component holds
+    tens of thousands (modules, classes, clients) that live as long as it does:
+    the callbacks service ran one every 2-4 s under load, each taking 23-58 ms
+    with nothing to collect, and every callback in flight waited for it (bench:
+    latency, 2026-11-26; 0.5-5 ms once frozen). Garbage first, so none is frozen;
+    objects made later are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _until_signal() -> None:
@@ -94,6 +108,7 @@ async def ingress(settings: Settings) -> None:
     host, _, port = settings.ingress_listen.rpartition(":")
     site = web.TCPSite(runner, host, int(port), backlog=1024)
     await site.start()
+    settle_heap()
     log.info("ingress listening on http://%s", settings.ingress_listen)
     try:
         await _until_signal()
@@ -106,6 +121,7 @@ async def sink(settings: Settings) -> None:
 
     s = Sink(settings)
     await s.start()
+    settle_heap()
     log.info("sink consuming into %s", settings.clickhouse_url)
     await _run_until_signal(s.run(), s.stop)
 
@@ -121,6 +137,7 @@ async def callbacks(settings: Settings) -> None:
     if settings.callbacks_metrics_listen:
         scraper = await metrics.serve(service.metrics, settings.callbacks_metrics_listen)
         log.info("callbacks metrics on http://%s/metrics", settings.callbacks_metrics_listen)
+    settle_heap()
 
     async def cleanup():
         if scraper is not None:
@@ -177,6 +194,11 @@ def worker(settings: Settings, log_level: str = "INFO") -> None:
     real = asyncio.run(prepare())
     Path(settings.worker_data_dir).mkdir(parents=True, exist_ok=True)
     app, _ = create_app(real)
+
+    @app.on_rebalance_complete.connect
+    async def settle(app, **kwargs):
+        settle_heap()  # started, tables recovered (a rebalance is rare)
+
     faust.Worker(app, loglevel=log_level, redirect_stdouts=False).execute_from_commandline()
 
 
