@@ -32,6 +32,7 @@ def settle_heap() -> None:
     objects made later are collected as before."""
     gc.collect()
     gc.freeze()
+    log.info("start-up heap frozen: %d objects out of garbage collection", gc.get_freeze_count())
 
 
 async def _until_signal() -> None:
@@ -195,9 +196,15 @@ def worker(settings: Settings, log_level: str = "INFO") -> None:
     Path(settings.worker_data_dir).mkdir(parents=True, exist_ok=True)
     app, _ = create_app(real)
 
+    settled = []
+
     @app.on_rebalance_complete.connect
     async def settle(app, **kwargs):
-        settle_heap()  # started, tables recovered (a rebalance is rare)
+        # started, tables recovered; only once, so what a later rebalance leaves
+        # behind stays collectable
+        if not settled:
+            settled.append(True)
+            settle_heap()
 
     faust.Worker(app, loglevel=log_level, redirect_stdouts=False).execute_from_commandline()
 
