@@ -26,9 +26,9 @@ def settle_heap() -> None:
 
     A full collection walks every tracked object, and a started component holds
     tens of thousands (modules, classes, clients) that live as long as it does:
-    the callbacks service ran one every 2-4 s under load, each taking 23-58 ms
+    the callbacks service ran one every 1.5-4.5 s under load, each taking 23-71 ms
     with nothing to collect, and every callback in flight waited for it (bench:
-    latency, 2026-11-26; 0.5-5 ms once frozen). Garbage first, so none is frozen;
+    latency, 2026-11-26; 0.6-4.9 ms once frozen). Garbage first, so none is frozen;
     objects made later are collected as before."""
     gc.collect()
     gc.freeze()
