@@ -251,8 +251,9 @@ def main() -> None:
     t.add_argument("--count", type=int, required=True)
     t.add_argument("--out", required=True)
     args = parser.parse_args()
-    # inputs loaded: out of the collector's reach, as in the pipeline's components
-    # (pipeline.services.settle_heap), so no client pays for full collections they don't
+    # once its inputs are loaded, a client takes them out of the collector's reach, as
+    # the pipeline's components do (pipeline.services.settle_heap): no full collection
+    # walks them while it measures
     if args.mode == "roundtrip":
         settings = config.load(args.config)
         settle_heap()
