@@ -69,17 +69,17 @@ def conversion_rows(settings: Settings, n: int) -> Iterator[dict]:
         yield row
 
 
-def attributed_conversions(settings: Settings, n: int) -> Iterator[tuple[str, bytes, bytes]]:
-    for row in conversion_rows(settings, n):
+def attributed_conversions(rows: list[dict]) -> Iterator[tuple[str, bytes, bytes]]:
+    for row in rows:
         yield "conversions", row["click_id"].encode(), codec.CONVERSION.encode(row)
 
 
-def callback_requests(settings: Settings, n: int) -> list[list]:
-    """[method, url, headers, body] of the first attempt of each of the `n` callbacks
-    the service sends, as the service builds them."""
+def callback_requests(settings: Settings, rows: list[dict]) -> list[list]:
+    """[method, url, headers, body] of the first attempt of the callback of each
+    conversion row, as the service builds it."""
     publisher, now = settings.publishers["net1"], int(time.time())
     out = []
-    for row in conversion_rows(settings, n):
+    for row in rows:
         r = request.build(publisher, tasks.from_conversion(row), now)
         out.append([r.method, r.url, r.headers, r.body.decode()])
     return out
@@ -112,9 +112,10 @@ def measure_callbacks(stack: Stack, count: int, seconds: float) -> Figure:
     try:
         path, settings = stack.config("callbacks", replace={EXAMPLE_PUBLISHER: listen})
         asyncio.run(kafka.ensure_topics(settings, TOPICS))
-        asyncio.run(data.produce(settings, attributed_conversions(settings, count)))
+        rows = list(conversion_rows(settings, count))
+        asyncio.run(data.produce(settings, attributed_conversions(rows)))
         # the same requests the service sends: each callback's URL is its own
-        base = _raw_client(stack, callback_requests(settings, count), max(count, 20_000))
+        base = _raw_client(stack, callback_requests(settings, rows), max(count, 20_000))
         before = get_json(f"http://{listen}/_stats")["count"]
         proc = stack.pipeline("callbacks", path)
         meter = CpuMeter({"callbacks": proc.pid, "publisher": publisher.pid})
