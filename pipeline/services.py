@@ -196,14 +196,15 @@ def worker(settings: Settings, log_level: str = "INFO") -> None:
     Path(settings.worker_data_dir).mkdir(parents=True, exist_ok=True)
     app, _ = create_app(real)
 
-    settled = []
+    settled = False
 
     @app.on_rebalance_complete.connect
     async def settle(app, **kwargs):
         # started, tables recovered; only once, so what a later rebalance leaves
         # behind stays collectable
+        nonlocal settled
         if not settled:
-            settled.append(True)
+            settled = True
             settle_heap()
 
     faust.Worker(app, loglevel=log_level, redirect_stdouts=False).execute_from_commandline()
