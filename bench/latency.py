@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench import data, ingress
 from bench.callbacks import EXAMPLE_PUBLISHER, get_json, net1_click, start_publisher
 from bench.report import Figure
-from bench.stack import ROOT, CpuMeter, Stack, cores_text, wait_http
+from bench.stack import ROOT, CpuMeter, Stack, WaitMeter, cores_text, wait_http, waits_text
 from bench.worker import wait_state
 from pipeline import codec, kafka
 from pipeline.config import Settings
@@ -51,9 +51,12 @@ WARM_UP = 20
 REFERENCE_WARM_UP_S = 20
 
 
-def _roundtrip(stack: Stack, config_path, rate: float, count: int) -> list[float]:
+def _roundtrip(
+    stack: Stack, config_path, rate: float, count: int
+) -> tuple[list[float], dict[str, tuple[float, float]]]:
     """The baseline, in a process of its own like the load generator (this one's
-    heap, grown by the run, would add its GC pauses to the baseline only)."""
+    heap, grown by the run, would add its GC pauses to the baseline only); and
+    how long the broker waited for a CPU meanwhile (`WaitMeter`)."""
     out = stack.workdir / "latency-roundtrip.json"
     argv = [
         sys.executable,
@@ -69,8 +72,9 @@ def _roundtrip(stack: Stack, config_path, rate: float, count: int) -> list[float
         "--out",
         str(out),
     ]
+    meter = WaitMeter({"broker": stack.kafka.proc.pid}).start()
     subprocess.run(argv, cwd=ROOT, check=True, timeout=count / rate + 180)
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), meter.stop()
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -207,16 +211,18 @@ def measure_latency(
                 stack.profile(proc, seconds)
             before = _keys_received(listen)
             meter = CpuMeter(pids, children=True).start()
+            waiting = WaitMeter(pids).start()
             load = _paced(stack, settings, load_lines, rate, "latency-load")
             received = _wait_received(listen, set(load["accepted"]), 60, before)
-            load_cpu = meter.stop()
+            load_cpu, load_waits = meter.stop(), waiting.stop()
             for proc in procs:
                 proc.check()
         finally:
             for proc in reversed(procs):
                 stack.stop(proc)
         # the baseline at the same rate, with the broker alone again
-        base_p50, base_p99 = _percentiles(_roundtrip(stack, path, rate, count))
+        base_times, base_waits = _roundtrip(stack, path, rate, count)
+        base_p50, base_p99 = _percentiles(base_times)
     finally:
         stack.stop(publisher)
     latencies = [received[k] - t for k, t in load["accepted"].items() if k in received]
@@ -241,7 +247,8 @@ def measure_latency(
         f"{rate:,.0f} postbacks/s for {seconds:g} s ({count:,} sent, {load['failed']} failed), "
         f"half the capacity: {capacity['per_s']:,.0f} postbacks/s, a burst of {burst:,} "
         f"sent by wrk, turned into callbacks in {capacity['seconds']:.1f} s "
-        f"({cores_text(burst_cpu)}); during the load: {cores_text(load_cpu)}"
+        f"({cores_text(burst_cpu)}); during the load: {cores_text(load_cpu)}; "
+        f"{waits_text(load_waits)}; during the baseline: {waits_text(base_waits)}"
     )
     if missing:
         note += f"; {missing:,} callbacks MISSING after 60 s"
@@ -264,6 +271,8 @@ def measure_latency(
             "ceiling_per_s": ceiling,
             "capacity_cpu": burst_cpu,
             "load_cpu": load_cpu,
+            "load_cpu_waits": load_waits,
+            "baseline_cpu_waits": base_waits,
             "sent": count,
             "missing": missing,
             "worker_hop_p50_p99_s": _percentiles(worker_hop) if worker_hop else None,

@@ -256,5 +256,52 @@ class CpuMeter:
         return {name: round(value, 2) for name, value in cores.items()}
 
 
+def thread_waits(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of a process: (nanoseconds it waited on a run queue for a CPU,
+    times it was given one), from /proc/<pid>/task/<tid>/schedstat."""
+    waits = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+            _, waited, runs = task.joinpath("schedstat").read_text().split()
+            waits[int(task.name)] = (int(waited), int(runs))
+    return waits
+
+
+class WaitMeter:
+    """How long named processes waited for a CPU between `start()` and `stop()`:
+    the time their threads were ready to run but every core was taken (the
+    kernel's run-queue wait), per second and per time they got a CPU. Threads
+    that did not live through the whole span are left out."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self._start: tuple[float, dict[str, dict[int, tuple[int, int]]]] | None = None
+
+    def start(self) -> WaitMeter:
+        self._start = (time.monotonic(), {n: thread_waits(p) for n, p in self.pids.items()})
+        return self
+
+    def stop(self) -> dict[str, tuple[float, float]]:
+        """Per process: (ms waited a second, µs waited a time it got a CPU)."""
+        assert self._start is not None, "start() first"
+        began, before = self._start
+        wall = time.monotonic() - began
+        waits = {}
+        for name, pid in self.pids.items():
+            waited = runs = 0
+            for tid, (w, r) in thread_waits(pid).items():
+                if tid in before[name]:
+                    waited += w - before[name][tid][0]
+                    runs += r - before[name][tid][1]
+            waits[name] = (waited / 1e6 / wall, waited / 1e3 / runs if runs else 0.0)
+        return waits
+
+
+def waits_text(waits: dict[str, tuple[float, float]]) -> str:
+    return "waited for a CPU (ms a second, µs a wake-up): " + ", ".join(
+        f"{name} {per_s:.0f} ({per_run:.0f})" for name, (per_s, per_run) in waits.items()
+    )
+
+
 def cores_text(cores: dict[str, float]) -> str:
     return "CPU cores used: " + ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
