@@ -320,11 +320,11 @@ def on_reference(
             )
     except Exception as exc:  # noqa: BLE001 - the Tansu figure stands; say why in its note
         first = str(exc).splitlines()[0] if str(exc) else ""
-        failed = f"{type(exc).__name__}: {first}"
+        why = f"{type(exc).__name__}: {first}"
         if not measured:
-            tansu.note += f"; on Apache Kafka: failed: {failed}"
+            tansu.note += f"; on Apache Kafka: failed: {why}"
             return tansu
-        failed = f"; run {len(measured) + 1} of {runs} failed: {failed}"
+        failed = f"; run {len(measured) + 1} of {runs} failed: {why}"
     ordered = sorted(measured, key=lambda f: f.value)
     ref = ordered[len(ordered) // 2]  # the median run (the higher one of an even count)
     ratios = ", ".join(f"{f.value:.2f}" for f in measured)
