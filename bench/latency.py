@@ -180,8 +180,8 @@ def measure_latency(
     fresh: bool = True,
 ) -> Figure:
     """The figure on a fresh Tansu, or with `reference` on a fresh Apache Kafka;
-    with `fresh` False on the broker of the last measurement (warm, and holding
-    only that measurement's topics)."""
+    with `fresh` False on the broker of the measurements before (warm, and
+    holding only their topics)."""
     # the measure of this pipeline, not of what earlier figures left
     if fresh:
         stack.fresh_broker(reference)
