@@ -118,3 +118,20 @@ def test_a_lane_bounds_its_workers_and_drops_only_queued_jobs():
     dropped = lane.drop(lambda job: job.tp[1] != 1)
     assert [job.offset for job in dropped] == [1, 3]
     assert [job.offset for job in lane.queue] == [0, 2] and lane.pending == 2
+
+
+async def test_outcomes_put_within_the_linger_share_a_batch():
+    producer = FakeProducer()
+    outbox = Outbox(producer, linger=0.2)
+    outbox.start()
+    done = []
+    try:
+        outbox.put([("attempts", 0, b"a", b"1")], lambda: done.append("a"))
+        await asyncio.sleep(0.02)  # a later turn of the loop, within the linger
+        outbox.put([("attempts", 0, b"b", b"2")], lambda: done.append("b"))
+        await until(lambda: len(producer.sent) == 1)
+        assert producer.sent[0][:3] == ("attempts", 0, [(b"a", b"1"), (b"b", b"2")])
+        producer.sent[0][3].set_result(None)
+        await until(lambda: len(done) == 2)
+    finally:
+        await outbox.close()

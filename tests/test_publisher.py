@@ -171,3 +171,59 @@ async def test_added_partitions_are_used_once_the_metadata_shows_them(apache_kaf
     default = DefaultPartitioner()
     assert seen == {k: default(k, partitions, partitions) for k in keys}
     assert max(seen.values()) >= settings.kafka_partitions  # the new ones are used
+
+
+def counting_requests(publisher: Publisher) -> list[int]:
+    """Records per produce request the publisher sends from now on."""
+    sizes: list[int] = []
+    send = publisher._produce.send
+
+    async def counted(node_id, batches):
+        sizes.append(sum(len(batch.waiters) for batch in batches.values()))
+        return await send(node_id, batches)
+
+    publisher._produce.send = counted
+    return sizes
+
+
+async def test_records_of_a_quiet_moment_wait_for_each_other(tansu):
+    """Fewer than `fill` records wait up to `linger` for more: one request, not five."""
+    settings = make_settings(tansu, "http://127.0.0.1:1")
+    await kafka.ensure_topics(settings, ["postbacks"])
+    topic = settings.topic("postbacks")
+    producer = kafka.producer(settings)
+    await producer.start()
+    publisher = Publisher(producer, linger=0.5, fill=100)
+    try:
+        await publisher.publish(topic, b"warm", b"up")  # connected, metadata known
+        sizes = counting_requests(publisher)
+        sent = []
+        for i in range(5):  # one every 10 ms: each alone would be its own request
+            sent.append(asyncio.ensure_future(publisher.publish(topic, b"k%d" % i, b"v")))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*sent)
+        assert sizes == [5]
+    finally:
+        await producer.stop()
+
+
+async def test_a_full_fill_goes_at_once_and_flush_waits_for_nothing(tansu):
+    settings = make_settings(tansu, "http://127.0.0.1:1")
+    await kafka.ensure_topics(settings, ["postbacks"])
+    topic = settings.topic("postbacks")
+    producer = kafka.producer(settings)
+    await producer.start()
+    publisher = Publisher(producer, linger=3600, fill=8)  # an hour: only `fill` sends
+    try:
+        async with asyncio.timeout(30):  # catches a hang only
+            await asyncio.gather(*(publisher.publish(topic, b"k%d" % i, b"v") for i in range(8)))
+            lone = asyncio.ensure_future(publisher.publish(topic, b"lone", b"v"))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not lone.done()  # one record: it waits for more
+            await publisher.flush()  # ... but not when the ingress stops
+            assert lone.done() and lone.exception() is None
+    finally:
+        await producer.stop()
+    values = [m.value for m in await consume(tansu, topic, 9)]
+    assert len(values) == 9

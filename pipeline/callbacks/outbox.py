@@ -2,8 +2,12 @@
 
 Every attempt publishes a few small records (the attempt row, the next retry
 task or the dead letter). Sent one by one, each costs a producer call, a future
-and a wake-up; here everything put in one turn of the event loop goes out as
-one produce batch per topic partition, and one acknowledgement covers it.
+and a wake-up; here everything put within `linger` seconds of the first goes
+out as one produce batch per topic partition, and one acknowledgement covers
+it. The outcome of a callback is not on its way to the publisher (the request
+has been answered), so the wait costs only a later offset commit: on the
+latency benchmark (2,600 callbacks/s on 2 cores) 5 ms took the service's
+produce requests from about 240 a second to about 85.
 
 `put` never blocks. The `done` of an entry runs once every record of the entry
 is acknowledged (the producer has acks=all), never before: the service marks the
@@ -30,9 +34,13 @@ Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
 Entry = tuple[list[Record], Callable[[], None]]
 
 
+LINGER = 0.005  # seconds the first record put waits for others (see the module docstring)
+
+
 class Outbox:
-    def __init__(self, producer: AIOKafkaProducer):
+    def __init__(self, producer: AIOKafkaProducer, linger: float = LINGER):
         self.producer = producer
+        self.linger = linger
         self.failure: BaseException | None = None  # a `done` that raised (a bug)
         self._entries: list[Entry] = []
         self._ready = asyncio.Event()
@@ -66,6 +74,8 @@ class Outbox:
     async def _run(self) -> None:
         while True:
             await self._ready.wait()
+            if self.linger:
+                await asyncio.sleep(self.linger)
             self._ready.clear()
             entries, self._entries = self._entries, []
             if not entries:

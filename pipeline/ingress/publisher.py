@@ -22,9 +22,19 @@ goes to the partition Kafka's default partitioner picks for its key
 metadata, so consumers co-partitioned by key see it where they would with
 `producer.send()`. Records of a partition reach the broker in the order they
 were published: a partition has at most one batch in flight, a retried batch
-goes before the partition's newer ones. A batch stays open for appends until
-the next produce request to its leader leaves (at once when none is in
-flight, else when the one in flight returns), as with `send()` and no linger.
+goes before the partition's newer ones.
+
+When a produce request leaves: a leader has at most one in flight. Its ready
+batches leave together once none is in flight and either they hold `fill`
+records (a full batch counts as `fill`) or the oldest of them has waited
+`linger` seconds. Under load, the records gathered while a request was in
+flight reach `fill`, so the next request leaves the moment that one returns,
+as with `send()` and no linger. At a few thousand records a second they do
+not, and the wait saves requests: on the latency benchmark (2,600 postbacks/s
+on 2 cores) 2 ms cut the produce requests from about 1,100 a second, mostly
+of two or three records, to about 300, and the CPU the ingress and the broker
+used by about a tenth of a core. A batch stays open for appends until its
+request leaves.
 """
 
 from __future__ import annotations
@@ -40,9 +50,12 @@ from aiokafka.structs import TopicPartition
 from pipeline.ingress.produce import Batch, Produce
 from pipeline.partitioner import partition
 
+LINGER = 0.002  # seconds a small batch waits for more records (see the module docstring)
+FILL = 16  # records that go at once, without waiting
+
 
 class Publisher:
-    def __init__(self, producer: AIOKafkaProducer):
+    def __init__(self, producer: AIOKafkaProducer, linger: float = LINGER, fill: int = FILL):
         if producer._txn_manager is not None:
             # idempotence and transactions need sequence numbers aiokafka's sender keeps
             raise ValueError("the publisher needs a producer without idempotence")
@@ -54,7 +67,10 @@ class Publisher:
         self._sending: set[tuple[str, int]] = set()  # partitions with a batch in flight
         self._busy: set[int] = set()  # brokers with a produce request in flight
         self._tasks: set[asyncio.Task] = set()
+        self.linger, self.fill = linger, fill
         self._scheduled = False
+        self._lingering: asyncio.TimerHandle | None = None  # a small batch's wait
+        self._draining = False  # flush(): nothing waits for more records
         self._recheck: asyncio.TimerHandle | None = None
         # the producer learns about added partitions from metadata; so do we, when it does
         # (not per record: that copied the topic's partitions into a set every time)
@@ -96,10 +112,11 @@ class Publisher:
             asyncio.get_running_loop().call_soon(self._send_ready)
 
     def _send_ready(self) -> None:
-        """Send every partition's oldest batch whose leader has no request in flight."""
+        """Send every partition's oldest batch whose leader has no request in flight,
+        unless the leader's batches are small and young (they wait for more records)."""
         self._scheduled = False
         closed = self.producer._closed
-        by_node: dict[int, dict[tuple[str, int], Batch]] = {}
+        by_node: dict[int, list[tuple[str, int]]] = {}
         unknown = False
         now = time.monotonic()
         for tp, queue in list(self._queues.items()):
@@ -113,11 +130,18 @@ class Publisher:
                     unknown = True
                 continue
             if leader not in self._busy:
-                by_node.setdefault(leader, {})[tp] = self._pop(tp, queue)
-        for node_id, batches in by_node.items():
+                by_node.setdefault(leader, []).append(tp)
+        loop = asyncio.get_running_loop()
+        for node_id, tps in by_node.items():
+            wait = self._wait(tps, now)
+            if wait > 0:
+                if self._lingering is None:
+                    self._lingering = loop.call_later(wait, self._lingered)
+                continue
+            batches = {tp: self._pop(tp, self._queues[tp]) for tp in tps}
             self._busy.add(node_id)
             self._sending.update(batches)
-            task = asyncio.get_running_loop().create_task(self._send(node_id, batches))
+            task = loop.create_task(self._send(node_id, batches))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if unknown and self._recheck is None:
@@ -127,6 +151,21 @@ class Publisher:
             self._recheck = asyncio.get_running_loop().call_later(
                 self._produce.backoff, self._recheck_leaders
             )
+
+    def _wait(self, tps: list[tuple[str, int]], now: float) -> float:
+        """How much longer a leader's ready batches wait for more records (<= 0: none)."""
+        if self._draining:
+            return 0.0
+        records, oldest = 0, now
+        for tp in tps:
+            queue = self._queues[tp]
+            records += self.fill if len(queue) > 1 else len(queue[0].waiters)
+            oldest = min(oldest, queue[0].created)
+        return 0.0 if records >= self.fill else oldest + self.linger - now
+
+    def _lingered(self) -> None:
+        self._lingering = None
+        self._send_ready()
 
     def _recheck_leaders(self) -> None:
         self._recheck = None
@@ -154,13 +193,18 @@ class Publisher:
         self._schedule()
 
     async def flush(self) -> None:
-        """Wait until every batch started so far is delivered or failed."""
-        while self._queues or self._tasks:
-            self._schedule()
-            if self._tasks:
-                await asyncio.wait(list(self._tasks))
-            else:  # waiting for a leader: the batches expire at the latest
-                await asyncio.sleep(self._produce.backoff)
+        """Wait until every batch started so far is delivered or failed (none
+        waits for more records meanwhile)."""
+        self._draining = True
+        try:
+            while self._queues or self._tasks:
+                self._schedule()
+                if self._tasks:
+                    await asyncio.wait(list(self._tasks))
+                else:  # waiting for a leader: the batches expire at the latest
+                    await asyncio.sleep(self._produce.backoff)
+        finally:
+            self._draining = False
 
 
 def _no_leader(closed: bool, leader: int | None) -> Exception:
