@@ -135,3 +135,16 @@ async def test_outcomes_put_within_the_linger_share_a_batch():
         await until(lambda: len(done) == 2)
     finally:
         await outbox.close()
+
+
+async def test_a_fill_of_outcomes_goes_without_waiting():
+    producer = FakeProducer()
+    outbox = Outbox(producer, linger=3600, fill=3)  # an hour: only the fill sends
+    outbox.start()
+    try:
+        for i in range(3):
+            outbox.put([("attempts", 0, b"k", bytes([i]))], lambda: None)
+        await until(lambda: len(producer.sent) == 1)
+        assert len(producer.sent[0][2]) == 3
+    finally:
+        await outbox.close()

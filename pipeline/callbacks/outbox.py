@@ -2,12 +2,15 @@
 
 Every attempt publishes a few small records (the attempt row, the next retry
 task or the dead letter). Sent one by one, each costs a producer call, a future
-and a wake-up; here everything put within `linger` seconds of the first goes
-out as one produce batch per topic partition, and one acknowledgement covers
-it. The outcome of a callback is not on its way to the publisher (the request
-has been answered), so the wait costs only a later offset commit: on the
-latency benchmark (2,600 callbacks/s on 2 cores) 5 ms took the service's
-produce requests from about 240 a second to about 85.
+and a wake-up; here what was put meanwhile goes out as one produce batch per
+topic partition, and one acknowledgement covers it. Fewer than `fill` outcomes
+first wait `linger` seconds for others. The outcome of a callback is not on
+its way to the publisher (the request has been answered), so the wait costs
+only a later offset commit: on the latency benchmark (2,600 callbacks/s on 2
+cores) 5 ms took the service's produce requests from about 240 a second to
+about 85. Under full load `fill` are waiting at once, and nothing waits (on
+the callbacks figure, waiting every time gave 8,861-9,104 deliveries/s
+against 9,437-9,715 without, three alternated runs each).
 
 `put` never blocks. The `done` of an entry runs once every record of the entry
 is acknowledged (the producer has acks=all), never before: the service marks the
@@ -34,13 +37,14 @@ Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
 Entry = tuple[list[Record], Callable[[], None]]
 
 
-LINGER = 0.005  # seconds the first record put waits for others (see the module docstring)
+LINGER = 0.005  # seconds a few outcomes wait for others (see the module docstring)
+FILL = 32  # outcomes that go at once, without waiting
 
 
 class Outbox:
-    def __init__(self, producer: AIOKafkaProducer, linger: float = LINGER):
+    def __init__(self, producer: AIOKafkaProducer, linger: float = LINGER, fill: int = FILL):
         self.producer = producer
-        self.linger = linger
+        self.linger, self.fill = linger, fill
         self.failure: BaseException | None = None  # a `done` that raised (a bug)
         self._entries: list[Entry] = []
         self._ready = asyncio.Event()
@@ -74,7 +78,7 @@ class Outbox:
     async def _run(self) -> None:
         while True:
             await self._ready.wait()
-            if self.linger:
+            if self.linger and len(self._entries) < self.fill:
                 await asyncio.sleep(self.linger)
             self._ready.clear()
             entries, self._entries = self._entries, []
