@@ -18,13 +18,14 @@ from .conftest import make_settings
 pytestmark = pytest.mark.kafka
 
 
-async def started(broker: str, **options):
-    """Settings, the postbacks topic, a started producer and its Publisher."""
+async def started(broker: str, publisher: dict | None = None, **options):
+    """Settings, the postbacks topic, a started producer and its Publisher (made
+    with `publisher` options; the producer with `options`)."""
     settings = make_settings(broker, "http://127.0.0.1:1")
     await kafka.ensure_topics(settings, ["postbacks"])
     producer = kafka.producer(settings, **options)
     await producer.start()
-    return settings, settings.topic("postbacks"), producer, Publisher(producer)
+    return settings, settings.topic("postbacks"), producer, Publisher(producer, **(publisher or {}))
 
 
 async def test_records_are_acked_in_their_default_partition(tansu):
@@ -188,12 +189,7 @@ def counting_requests(publisher: Publisher) -> list[int]:
 
 async def test_records_of_a_quiet_moment_wait_for_each_other(tansu):
     """Fewer than `fill` records wait up to `linger` for more: one request, not five."""
-    settings = make_settings(tansu, "http://127.0.0.1:1")
-    await kafka.ensure_topics(settings, ["postbacks"])
-    topic = settings.topic("postbacks")
-    producer = kafka.producer(settings)
-    await producer.start()
-    publisher = Publisher(producer, linger=0.5, fill=100)
+    _, topic, producer, publisher = await started(tansu, {"linger": 0.5, "fill": 100})
     try:
         await publisher.publish(topic, b"warm", b"up")  # connected, metadata known
         sizes = counting_requests(publisher)
@@ -208,12 +204,8 @@ async def test_records_of_a_quiet_moment_wait_for_each_other(tansu):
 
 
 async def test_a_full_fill_goes_at_once_and_flush_waits_for_nothing(tansu):
-    settings = make_settings(tansu, "http://127.0.0.1:1")
-    await kafka.ensure_topics(settings, ["postbacks"])
-    topic = settings.topic("postbacks")
-    producer = kafka.producer(settings)
-    await producer.start()
-    publisher = Publisher(producer, linger=3600, fill=8)  # an hour: only `fill` sends
+    # an hour's linger: only `fill` records, or flush(), send
+    _, topic, producer, publisher = await started(tansu, {"linger": 3600, "fill": 8})
     try:
         async with asyncio.timeout(30):  # catches a hang only
             await asyncio.gather(*(publisher.publish(topic, b"k%d" % i, b"v") for i in range(8)))
