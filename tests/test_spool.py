@@ -36,3 +36,20 @@ async def test_a_failed_drain_keeps_the_whole_file(tmp_path):
     with pytest.raises(ConnectionError):
         await spool.drain(publish)
     assert spool.path.read_bytes() == before  # tried again later, whole
+
+
+async def test_a_failed_drain_returns_once_its_chunk_has_settled(tmp_path):
+    spool = Spool(tmp_path / "ingress.spool")
+    spool.append(b"fails", b"v")
+    spool.append(b"slow", b"v")
+    settled = []
+
+    async def publish(key, value):
+        if key == b"fails":
+            raise ConnectionError("kafka went away")
+        await asyncio.sleep(0.05)  # still in flight when the other one fails
+        settled.append(key)
+
+    with pytest.raises(ConnectionError):
+        await spool.drain(publish)
+    assert settled == [b"slow"]  # not left running past the spool's lock

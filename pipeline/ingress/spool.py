@@ -45,7 +45,8 @@ class Spool:
 
     async def drain(self, publish) -> int:
         """Republish every spooled record with `await publish(key, value)`, `CHUNK` at a
-        time, in file order; then truncate. If one fails, the file is kept whole."""
+        time, in file order; then truncate. If one fails, the file is kept whole, once
+        the rest of its chunk has settled (none is left in flight past the lock)."""
         async with self._lock:
             try:
                 lines = self.path.read_bytes().splitlines()
@@ -53,9 +54,13 @@ class Spool:
                 return 0
             for start in range(0, len(lines), CHUNK):
                 chunk = [line.split(b" ") for line in lines[start : start + CHUNK]]
-                await asyncio.gather(
-                    *(publish(base64.b64decode(k), base64.b64decode(v)) for k, v in chunk)
+                results = await asyncio.gather(
+                    *(publish(base64.b64decode(k), base64.b64decode(v)) for k, v in chunk),
+                    return_exceptions=True,
                 )
+                failed = next((r for r in results if isinstance(r, BaseException)), None)
+                if failed is not None:
+                    raise failed
             self.path.write_bytes(b"")
             if lines:
                 log.info("republished %d spooled postback records", len(lines))
