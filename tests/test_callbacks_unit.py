@@ -342,3 +342,76 @@ def test_tracker_commits_below_the_lowest_unfinished_offset():
     t.rewind(15)  # 15 was not due: read again later
     t.finish(14)
     assert t.commit_offset() == 15 and t.in_flight == 0
+
+
+class _Consumer:
+    """What the service's flow control asks of aiokafka's consumer."""
+
+    def __init__(self, tps):
+        self.tps, self.paused_tps, self.polled = set(tps), set(), {}
+
+    def assignment(self):
+        return set(self.tps)
+
+    def paused(self):
+        return set(self.paused_tps)
+
+    def pause(self, *tps):
+        self.paused_tps.update(tps)
+
+    def resume(self, *tps):
+        self.paused_tps.difference_update(tps)
+
+    def last_poll_timestamp(self, tp):
+        return self.polled.get(tp)
+
+
+def test_retry_topics_rest_between_reads(monkeypatch):
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    from pipeline.callbacks import service as module
+    from tests.callbacks_support import callbacks_config, settings_from
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(module, "now_ms", lambda: int(clock.now * 1000))
+    settings = settings_from(
+        callbacks_config("127.0.0.1:9", "http://127.0.0.1:9", "", retry_schedule='["5s", "1m"]')
+    )
+    service = module.CallbackService(settings)
+    assert service.rest == 1.0  # a fifth of 5 s, at most a second
+    conversions = TopicPartition(settings.topic("conversions"), 0)
+    retry1 = TopicPartition(settings.topic("callbacks-retry-1"), 0)
+    retry2 = TopicPartition(settings.topic("callbacks-retry-2"), 0)
+    consumer = service.consumer = _Consumer([conversions, retry1, retry2])
+
+    def step(seconds=0.0):
+        clock.now += seconds
+        assert service._flow_control()  # the conversions are read throughout
+        return consumer.paused()
+
+    assert step() == {retry1, retry2}  # resting since the service began
+    assert 1 <= service._poll_ms() <= 1001  # looks again when the rest is over
+    assert step(1.0) == set()  # read: resumed ...
+    assert step(0.5) == set()  # ... until the broker answered a fetch for each
+    consumer.polled[retry1] = int(clock.now * 1000)
+    assert step() == set()
+    consumer.polled[retry2] = int(clock.now * 1000)
+    assert step() == {retry1, retry2}  # rest again
+    assert step(0.9) == {retry1, retry2}
+
+    # a read that brought records reads on, without a rest
+    assert step(0.1) == set()
+    service.retries_brought = True
+    consumer.polled = {retry1: int(clock.now * 1000), retry2: int(clock.now * 1000)}
+    assert step(0.01) == set()
+    consumer.polled = {retry1: int(clock.now * 1000), retry2: int(clock.now * 1000)}
+    assert step(0.01) == {retry1, retry2}
+
+    # a partition paused until its head is due does not hold the read open
+    service.delayed[retry2] = int((clock.now + 60) * 1000)
+    assert step(1.0) == {retry2}
+    consumer.polled[retry1] = int(clock.now * 1000)
+    assert step() == {retry1, retry2}
