@@ -9,9 +9,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError, NotLeaderForPartitionError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
 from pipeline import kafka
 from pipeline.ingress.publisher import Publisher
+from pipeline.partitioner import partition
 
 from .conftest import make_settings
 
@@ -219,3 +221,43 @@ async def test_a_full_fill_goes_at_once_and_flush_waits_for_nothing(tansu):
         await producer.stop()
     values = [m.value for m in await consume(tansu, topic, 9)]
     assert len(values) == 9
+
+
+async def test_each_leader_s_small_batch_waits_only_its_own_linger(tansu):
+    """One timer serves every leader: it is set for the earliest of their waits, not
+    for the first one asked for. Partition 1 is made to look led by another broker
+    (its requests still go to the one broker there is); leader 0's first request
+    is slow, so its next batch starts waiting only when that returns, after the
+    other leader's batch began to wait."""
+    linger = 0.8
+    settings, topic, producer, publisher = await started(tansu, {"linger": linger, "fill": 100})
+    keys = [b"k%d" % i for i in range(1000)]
+    key = {p: next(k for k in keys if partition(k, settings.kafka_partitions) == p) for p in (0, 1)}
+    try:
+        await publisher.publish(topic, b"warm", b"up")  # connected, metadata known
+        real = publisher._cluster.leader_for_partition
+        broker, other = real(TopicPartition(topic, 0)), 10_000  # no such broker
+        leaders = lambda tp: other if tp.partition == 1 else real(tp)  # noqa: E731
+        publisher._cluster.leader_for_partition = leaders
+        send, sends, loop = publisher._produce.send, [], asyncio.get_running_loop()
+
+        async def routed(node_id, batches):
+            sends.append(({part for _, part in batches}, loop.time()))
+            if len(sends) == 1:
+                await asyncio.sleep(0.6)  # leader 0's first request is slow
+            return await send(broker, batches)
+
+        publisher._produce.send = routed
+        async with asyncio.timeout(30):  # catches a hang only
+            a1 = asyncio.ensure_future(publisher.publish(topic, key[0], b"a1"))
+            await asyncio.sleep(linger + 0.1)  # a1 has left: leader 0 is busy until +1.4 s
+            a2 = asyncio.ensure_future(publisher.publish(topic, key[0], b"a2"))  # due at +1.7 s
+            await asyncio.sleep(0.1)
+            b1 = asyncio.ensure_future(publisher.publish(topic, key[1], b"b1"))  # due at +1.8 s
+            await asyncio.gather(a1, a2, b1)
+    finally:
+        await producer.stop()
+    assert [parts for parts, _ in sends] == [{0}, {0}, {1}]
+    (_, a1_at), (_, a2_at), (_, b1_at) = sends
+    # with one timer for the first leader that asked, a2 waited for b1's and both left together
+    assert b1_at - a2_at > 0.05, (a1_at, a2_at, b1_at)

@@ -222,6 +222,7 @@ async def _kafka_ctx(app: web.Application):
     yield
     drainer.cancel()
     await publisher.flush()
+    publisher.close()
     await producer.stop()
 
 

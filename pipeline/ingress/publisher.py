@@ -135,8 +135,7 @@ class Publisher:
         for node_id, tps in by_node.items():
             wait = self._wait(tps, now)
             if wait > 0:
-                if self._lingering is None:
-                    self._lingering = loop.call_later(wait, self._lingered)
+                self._linger(loop, wait)
                 continue
             batches = {tp: self._pop(tp, self._queues[tp]) for tp in tps}
             self._busy.add(node_id)
@@ -162,6 +161,16 @@ class Publisher:
             records += self.fill if len(queue) > 1 else len(queue[0].waiters)
             oldest = min(oldest, queue[0].created)
         return 0.0 if records >= self.fill else oldest + self.linger - now
+
+    def _linger(self, loop: asyncio.AbstractEventLoop, wait: float) -> None:
+        """Look again in `wait` seconds, or sooner if already due to: one timer
+        serves every leader, set for the earliest of their waits."""
+        timer = self._lingering
+        if timer is not None:
+            if timer.when() <= loop.time() + wait:
+                return
+            timer.cancel()
+        self._lingering = loop.call_later(wait, self._lingered)
 
     def _lingered(self) -> None:
         self._lingering = None
@@ -191,6 +200,13 @@ class Publisher:
             else:
                 queue.appendleft(batch)
         self._schedule()
+
+    def close(self) -> None:
+        """Cancel the timers (after flush(), once the producer stops)."""
+        for timer in (self._lingering, self._recheck):
+            if timer is not None:
+                timer.cancel()
+        self._lingering = self._recheck = None
 
     async def flush(self) -> None:
         """Wait until every batch started so far is delivered or failed (none
