@@ -331,11 +331,14 @@ def on_reference(
     ordered = sorted(measured, key=lambda f: f.value)
     ref = ordered[len(ordered) // 2]  # the median run (the higher one of an even count)
     ratios = ", ".join(f"{f.value:.2f}" for f in measured)
-    warmed = ", ".join(f"{f.value:.2f}" for f in warm_up)
+    warmed = ""
+    if warm_up:
+        s = "s" if len(warm_up) > 1 else ""
+        values = ", ".join(f"{f.value:.2f}" for f in warm_up)
+        warmed = f" (warmed by {len(warm_up)} run{s} before, not counted: ratio{s} {values})"
     ref.measured = (
-        f"on Apache Kafka (warmed by {len(warm_up)} run before, not counted: ratio {warmed}), "
-        f"median of {len(measured)} runs (ratios in run order: {ratios}); the median run: "
-        f"{ref.measured}"
+        f"on Apache Kafka{warmed}, median of {len(measured)} runs (ratios in run order: "
+        f"{ratios}); the median run: {ref.measured}"
     )
     ref.note += (
         f"{failed}. ON TANSU (same code and method, one run, p99 ratio {tansu.value:.2f}): "
