@@ -220,6 +220,46 @@ async def test_blocked_addresses_never_receive_a_request(tansu):
     assert sorted(d["last_outcome"] for d in dead) == ["blocked", "blocked"]
 
 
+async def test_a_slow_offset_commit_holds_up_no_callback(tansu):
+    """The periodic commit runs beside the reads: while the broker takes its time
+    to answer one, conversions are still read and called back, and the commit
+    lands once it answers."""
+    async with publisher_server() as server:
+        settings = settings_from(
+            callbacks_config(tansu, NO_CLICKHOUSE, publishers_toml(server.port, ["ok"]))
+        )
+        service = CallbackService(settings)
+        async with running(service):
+            first = [conversion("ok") for _ in range(4)]
+            await produce_conversions(settings, first)
+            await eventually(lambda: len(server.delivered("ok")) == 4, 60, 0.1, "4 delivered")
+            commit, started, answer = service.consumer.commit, asyncio.Event(), asyncio.Event()
+
+            async def slow_commit(offsets=None):
+                started.set()
+                await answer.wait()
+                await commit(offsets)
+
+            service.consumer.commit = slow_commit
+            later = [conversion("ok") for _ in range(4)]
+            try:
+                await asyncio.wait_for(started.wait(), 10)  # a commit of the first 4 waits
+                await produce_conversions(settings, later)
+                await eventually(
+                    lambda: len(server.delivered("ok")) == 8, 60, 0.1, "8 delivered, commit waiting"
+                )
+                assert not service.committing.done()
+            finally:
+                answer.set()
+            await eventually(
+                lambda: sum(t.committed or 0 for t in service.trackers.values()) == 8,
+                30,
+                0.1,
+                "the offsets of all 8 committed",
+            )
+    assert server.delivered("ok") == {c["conversion_id"] for c in first + later}
+
+
 async def test_a_stalled_publisher_does_not_delay_a_healthy_one(tansu):
     async with publisher_server() as server:
         settings = settings_from(
