@@ -209,8 +209,8 @@ class CallbackService:
             self._drain()
             self.metrics.in_flight.set(self.in_flight + self.backlogged)
             if time.monotonic() - last_commit >= COMMIT_INTERVAL and self._commit_settled():
-                # beside the reads: awaited here, the broker's answer (3-16 ms on the
-                # latency benchmark) held up every record fetched meanwhile
+                # beside the reads: awaited here, the broker's answer (latency benchmark:
+                # p50 4 ms, up to 22 ms) held up every record fetched meanwhile
                 self.committing = asyncio.create_task(self.commit())
                 last_commit = time.monotonic()
 
