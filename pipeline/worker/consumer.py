@@ -53,8 +53,12 @@ CHUNK = 2000
 # light load, under a record a span, is not held). The worker's cost is mostly per
 # fetch (Faust's hand-over between its two threads, a fetch and a produce request):
 # at 2,112 postbacks/s on Apache Kafka it used 0.51 of a core fetching whatever had
-# arrived, 0.38-0.42 with a 4 ms span and 0.33 with 8 ms (bench: latency, 2026-11-26)
-COALESCE_S = 0.008
+# arrived, 0.38-0.42 with a 4 ms span and 0.33 with 8 ms (bench: latency, 2026-11-26).
+# Once the other processes needed less CPU, 4 ms gave the lower p99 (two pairs of
+# alternated trios at 2,630-2,650 postbacks/s: accepted -> conversion p50 0.7-0.8 ms
+# against 2.6-2.8, the pipeline's p99 10.1-16.6 ms against 12.2-15.8, the figure's
+# trio medians 1.83 and 2.04 against 2.71 and 3.25; 2026-11-26, night)
+COALESCE_S = 0.004
 COALESCE_WINDOW_S = 0.1  # the rate is measured over this long; a longer lull resets it
 COALESCE_MOST = 64 * 1024
 
