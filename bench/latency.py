@@ -10,8 +10,8 @@ process of its own once the pipeline has stopped. The figure has a broker of
 its own, started empty (see `Stack.fresh_broker`): Tansu in the quick run;
 in the full run Apache Kafka, the reference broker, warmed by one run and then
 measured three times, whose median run is the figure (`on_reference`; Tansu
-when Apache Kafka cannot run). The note splits the time at the conversion record the worker
-produced (its Kafka CreateTime).
+when Apache Kafka cannot run). The note splits the time at the conversion
+record the worker produced (its Kafka CreateTime).
 
 The capacity is what the whole pipeline does on this machine, every process
 of it sharing the 2 cores: a burst of postbacks (as many as the slowest stage
