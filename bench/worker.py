@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -119,8 +120,13 @@ def prepare(stack: Stack, clicks: int, store: str = STORE):
     return path, settings, counts
 
 
-def run_worker(stack: Stack, path, settings: Settings, counts: dict, timeout: float) -> dict:
-    """Start a worker on prepared topics; time it; read its RSS once all is done."""
+def run_worker(
+    stack: Stack, path, settings: Settings, counts: dict, timeout: float
+) -> Callable[[], dict]:
+    """Start a worker on prepared topics and time it. Returns `finish`, which waits
+    until the worker has settled, reads its RSS, stops it and gives its numbers: call
+    it before the next worker starts (the next run's topics may be filled meanwhile,
+    by another process and on other topics: the settling worker is idle)."""
     started = time.monotonic()
     store = settings.worker_store.split(":")[0]
     proc = stack.pipeline("worker", path, name=f"worker-{store}-{counts['clicks']}")
@@ -136,27 +142,37 @@ def run_worker(stack: Stack, path, settings: Settings, counts: dict, timeout: fl
         )
         cpu = meter.stop()
         samples = wait_state(settings, counts["clicks"], proc, 60)
-        # steady state: the last changelog batch sent, and the worker's periodic
-        # release of freed heap (RELEASE_INTERVAL_S) run once after the last record
-        time.sleep(RELEASE_INTERVAL_S + 1)
-        rss = rss_kib(proc.pid)
-    finally:
+    except BaseException:
         stack.stop(proc)
-    messages = counts["clicks"] + counts["postbacks"]
-    statuses = {
-        k.split('"')[1]: int(v)
-        for k, v in samples.items()
-        if k.startswith("pipeline_worker_conversions_total{")
-    }
-    return {
-        "messages": messages,
-        "seconds": done - working,
-        "per_s": messages / (done - working),
-        "startup_s": working - started,
-        "rss_kib": rss,
-        "statuses": statuses,
-        "cpu": cpu,
-    }
+        raise
+    # steady state: the last changelog batch sent, and the worker's periodic release
+    # of freed heap (RELEASE_INTERVAL_S) run once after the last record
+    settled = time.monotonic() + RELEASE_INTERVAL_S + 1
+
+    def finish() -> dict:
+        try:
+            time.sleep(max(0.0, settled - time.monotonic()))
+            proc.check()
+            rss = rss_kib(proc.pid)
+        finally:
+            stack.stop(proc)
+        messages = counts["clicks"] + counts["postbacks"]
+        statuses = {
+            k.split('"')[1]: int(v)
+            for k, v in samples.items()
+            if k.startswith("pipeline_worker_conversions_total{")
+        }
+        return {
+            "messages": messages,
+            "seconds": done - working,
+            "per_s": messages / (done - working),
+            "startup_s": working - started,
+            "rss_kib": rss,
+            "statuses": statuses,
+            "cpu": cpu,
+        }
+
+    return finish
 
 
 def raw_consumer(settings: Settings, count: int, timeout: float) -> dict:
@@ -185,12 +201,14 @@ def measure(stack: Stack, small: int, large: int, full_counts: bool) -> list[Fig
     (rocksdb://), whose throughput goes in the notes."""
     path, settings, counts = prepare(stack, large, THROUGHPUT_STORE)
     raw = raw_consumer(settings, counts["clicks"] + counts["postbacks"], timeout=300)
-    fast = run_worker(stack, path, settings, counts, timeout=600)
-
+    finish = run_worker(stack, path, settings, counts, timeout=600)
+    # each next run's topics are filled while the worker before settles
     path, settings, counts = prepare(stack, small)
-    low = run_worker(stack, path, settings, counts, timeout=300)
+    fast = finish()
+    finish = run_worker(stack, path, settings, counts, timeout=300)
     path, settings, counts = prepare(stack, large)
-    high = run_worker(stack, path, settings, counts, timeout=600)
+    low = finish()
+    high = run_worker(stack, path, settings, counts, timeout=600)()
 
     attributed = fast["statuses"].get("attributed", 0)
     mib = lambda kib: f"{kib / 1024:,.0f} MiB"  # noqa: E731
