@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import threading
 import urllib.request
 from decimal import Decimal
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline import clickid, codec, config, requests
+from pipeline import clickid, codec, config, kafka, requests
 from pipeline.embedded.kafka import free_port
 from pipeline.sink import ddl
+from pipeline.worker.app import create_app
 
-from .conftest import config_text, wait_until, write_config
+from .conftest import config_text, make_settings, wait_until, write_config
 from .stack import ingress, rows_eventually, sink, start_component, stop_component
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.e2e]
@@ -356,3 +358,26 @@ async def test_two_workers_share_partitions_and_fail_over(broker, clickhouse_url
     finally:
         for w in workers:
             stop_component(w)
+
+
+async def test_the_kafka_consumer_runs_on_the_workers_loop_and_stops_alone(tansu, tmp_path):
+    """Faust runs the worker's aiokafka consumer on a thread and a loop of its own; the
+    worker runs it on its own loop (worker.consumer.ConsumerThread). It must start no
+    thread, fetch from the broker there, and stop without ending the loop's other tasks."""
+    settings = make_settings(tansu, "http://127.0.0.1:1")
+    await kafka.ensure_topics(settings, ["clicks"])
+    app, _ = create_app(settings)
+    bystander = asyncio.create_task(asyncio.sleep(120))
+    threads = set(threading.enumerate())
+    consumer = app.consumer._thread
+    await consumer.start()
+    try:
+        assert set(threading.enumerate()) == threads, "no thread of its own"
+        assert await consumer.call_thread(threading.get_ident) == threading.get_ident()
+        aiokafka_consumer = consumer._ensure_consumer()
+        assert settings.topic("clicks") in await consumer.call_thread(aiokafka_consumer.topics)
+    finally:
+        await consumer.stop()
+    assert aiokafka_consumer._closed, "its aiokafka consumer was stopped"
+    assert not bystander.done(), "the loop's other tasks keep running"
+    bystander.cancel()

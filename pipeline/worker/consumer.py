@@ -17,6 +17,10 @@ writes the store and queues the changelog record, on the partition of the record
 being handled, which `handling` makes Faust's current event. Records are acked once
 their handler returned; Faust flushes the producer (the changelog and every output
 queued by the handler) before it commits their offsets.
+
+The aiokafka consumer runs on the worker's event loop, not on a thread of its own
+as in Faust (`ConsumerThread`): a fetch is an await, not two hand-overs between
+threads.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
-from mode.utils.futures import notify
+from mode.utils.futures import maybe_async, notify
 
 from pipeline import kafka
 
@@ -46,12 +50,13 @@ BatchHandler = Callable[[list[Message]], None]
 # (bench: latency; 100 ms gave a p99 ratio of 4.3 at 2,600 postbacks/s, 20 ms 2.0):
 # the wait of every consumer of the pipeline
 FETCH_MAX_WAIT_MS = kafka.FETCH_MAX_WAIT_MS
-# records handled between two yields to the event loop (its web server, timers)
+# records handled between two yields to the event loop (its web server, timers, the
+# Kafka consumer's fetches and heartbeats)
 CHUNK = 2000
 # A busy worker's fetch waits at the broker for about this many seconds' worth of
 # records at the recent rate (fetch_min_bytes; never longer than the fetch wait; a
 # light load, under a record a span, is not held). The worker's cost is mostly per
-# fetch (Faust's hand-over between its two threads, a fetch and a produce request):
+# fetch (then Faust's hand-over between its two threads, a fetch and a produce request):
 # at 2,112 postbacks/s on Apache Kafka it used 0.51 of a core fetching whatever had
 # arrived, 0.38-0.42 with a 4 ms span and 0.33 with 8 ms (bench: latency, 2026-11-26).
 # Once the other processes needed less CPU, 4 ms gave the lower p99 (two pairs of
@@ -220,7 +225,8 @@ class BatchConsumer(driver.Consumer):
         )
 
     def _new_consumer_thread(self) -> ConsumerThread:
-        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        # the thread's loop is this one: see ConsumerThread
+        return ConsumerThread(self, loop=self.loop, thread_loop=self.loop, beacon=self.beacon)
 
 
 class Coalescer:
@@ -271,7 +277,49 @@ def _groups(batches: dict[TP, list], size: int) -> Iterator[list[tuple[TP, list]
 
 
 class ConsumerThread(driver.AIOKafkaConsumerThread):
-    """Faust's consumer thread with a short fetch wait and a safe fetch."""
+    """Faust's consumer "thread", with a short fetch wait and a safe fetch, run on
+    the worker's own event loop instead of a thread of its own.
+
+    Faust runs the aiokafka consumer on a second event loop in a second thread and
+    hands every call across: each fetch wakes the consumer thread's loop, waits
+    for it, and wakes the main loop again with the records, two threads taking the
+    GIL in turn. Here the calls are plain awaits on the one loop. At the latency
+    load (Apache Kafka, 1,150-1,720 postbacks/s, a fetch every few ms) the worker
+    used 0.40-0.42 of a core against 0.48-0.52 (two alternated rounds of three
+    runs, 2026-11-27). The consumer's heartbeats share the loop with the handlers,
+    which yield to it after every `CHUNK` records (tens of milliseconds, far under
+    the session timeout).
+    """
+
+    _serving: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        """`ServiceThread.start` without the thread: serve as a task of this loop."""
+        assert not self._thread_started.is_set()
+        self._thread_started.set()
+        self._thread_running = self.parent_loop.create_future()
+        self._serving = asyncio.ensure_future(self._serve())
+        try:
+            if not self.should_stop:
+                await self._thread_running  # started, or raises what start-up raised
+        finally:
+            self._thread_running = None
+
+    async def stop(self) -> None:
+        if self._started.is_set():
+            await super().stop()
+        if self._serving is not None:
+            await asyncio.gather(self._serving, return_exceptions=True)
+
+    async def _gather_remaining_tasks(self) -> None:
+        """A thread's loop ends with the thread; this loop is the worker's, and
+        its other tasks are not this service's to cancel."""
+
+    async def call_thread(self, fun, *args, **kwargs):
+        return await maybe_async(fun(*args, **kwargs))
+
+    async def cast_thread(self, fun, *args, **kwargs) -> None:
+        await maybe_async(fun(*args, **kwargs))
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
