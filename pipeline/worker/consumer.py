@@ -284,9 +284,10 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     hands every call across: each fetch wakes the consumer thread's loop, waits
     for it, and wakes the main loop again with the records, two threads taking the
     GIL in turn. Here the calls are plain awaits on the one loop. At the latency
-    load (Apache Kafka, 1,150-1,720 postbacks/s, a fetch every few ms) the worker
-    used 0.40-0.42 of a core against 0.48-0.52 (two alternated rounds of three
-    runs, 2026-11-27). The consumer's heartbeats share the loop with the handlers,
+    load (Apache Kafka, a fetch every few ms) the worker used 0.40-0.42 of a core
+    at 1,605-1,724 postbacks/s, against 0.48-0.52 at 1,157-1,599 with the thread
+    (two alternated rounds of three runs, 2026-11-27; the README's *The worker's
+    consumer on its loop*). The consumer's heartbeats share the loop with the handlers,
     which yield to it after every `CHUNK` records (tens of milliseconds, far under
     the session timeout).
     """
