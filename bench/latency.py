@@ -9,9 +9,9 @@ consume round trip through the same broker at the same rate, measured by a
 process of its own once the pipeline has stopped. The figure has a broker of
 its own, started empty (see `Stack.fresh_broker`): Tansu in the quick run;
 in the full run Apache Kafka, the reference broker, warmed by one run (without
-its round trip) and then measured three times, whose median run is the figure (`on_reference`; Tansu
-when Apache Kafka cannot run). The note splits the time at the conversion
-record the worker produced (its Kafka CreateTime).
+its round trip) and then measured three times, whose median run is the figure
+(`on_reference`; Tansu when Apache Kafka cannot run). The note splits the time
+at the conversion record the worker produced (its Kafka CreateTime).
 
 The capacity is what the whole pipeline does on this machine, every process
 of it sharing the 2 cores: a burst of postbacks (as many as the slowest stage
@@ -268,15 +268,14 @@ def measure_latency(
         f"({cores_text(burst_cpu)}); during the load: {cores_text(load_cpu)}; "
         f"{waits_text(load_waits)}"
     )
-    if base_waits is not None:
-        note += f"; during the baseline: {waits_text(base_waits)}"
-    if missing:
-        note += f"; {missing:,} callbacks MISSING after 60 s"
-    if base_p99 is not None:
+    if baseline:
         value, ratios = p99 / base_p99, f"value is the p99 ratio (p50 ratio {p50 / base_p50:.1f})"
         base = f"produce -> consume round trip: p50 {ms(base_p50)}, p99 {ms(base_p99)}"
+        note += f"; during the baseline: {waits_text(base_waits)}"
     else:
         value, ratios, base = float("nan"), "a warm-up run", "not measured (a warm-up run)"
+    if missing:
+        note += f"; {missing:,} callbacks MISSING after 60 s"
     return Figure(
         "latency",
         "<= 3",

@@ -360,7 +360,7 @@ async def test_two_workers_share_partitions_and_fail_over(broker, clickhouse_url
             stop_component(w)
 
 
-async def test_the_kafka_consumer_runs_on_the_workers_loop_and_stops_alone(tansu, tmp_path):
+async def test_the_kafka_consumer_runs_on_the_workers_loop_and_stops_alone(tansu):
     """Faust runs the worker's aiokafka consumer on a thread and a loop of its own; the
     worker runs it on its own loop (worker.consumer.ConsumerThread). It must start no
     thread, fetch from the broker there, and stop without ending the loop's other tasks."""

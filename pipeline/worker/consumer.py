@@ -287,9 +287,9 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     load (Apache Kafka, a fetch every few ms) the worker used 0.40-0.42 of a core
     at 1,605-1,724 postbacks/s, against 0.48-0.52 at 1,157-1,599 with the thread
     (two alternated rounds of three runs, 2026-11-27; the README's *The worker's
-    consumer on its loop*). The consumer's heartbeats share the loop with the handlers,
-    which yield to it after every `CHUNK` records (tens of milliseconds, far under
-    the session timeout).
+    consumer on its loop*). The consumer's heartbeats share the loop with the
+    handlers, which yield to it after every `CHUNK` records (tens of milliseconds,
+    far under the session timeout).
     """
 
     _serving: asyncio.Future | None = None
@@ -307,8 +307,7 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
             self._thread_running = None
 
     async def stop(self) -> None:
-        if self._started.is_set():
-            await super().stop()
+        await super().stop()  # a no-op unless started
         if self._serving is not None:
             await asyncio.gather(self._serving, return_exceptions=True)
 
@@ -318,9 +317,6 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 
     async def call_thread(self, fun, *args, **kwargs):
         return await maybe_async(fun(*args, **kwargs))
-
-    async def cast_thread(self, fun, *args, **kwargs) -> None:
-        await maybe_async(fun(*args, **kwargs))
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
