@@ -6,6 +6,16 @@ collapsed stacks (`<name>.folded`, the input of flamegraph.pl and speedscope);
 time and by time including callees. Sampling does not pause the process
 (--nonblocking), but it takes CPU on the same machine: the figures of a
 profiled run are not comparable with an unprofiled one.
+
+Only the thread holding the GIL is sampled (--gil), so the profile is where
+Python spends its CPU. Without it, py-spy samples wall time minus what it
+takes for idle, and on a machine as full as the latency figure's, a process
+that wakes another with a socket write often loses its core inside the write:
+such profiles put 18-20% of the worker's, the callbacks service's and the
+ingress's samples in `_SelectorSocketTransport.write`, where the GIL-holder
+samples of the same load put under 1% and the kernel's counters (/proc/stat)
+about a tenth of the busy CPU in the kernel altogether (2026-11-27). Time a
+C extension spends with the GIL released (RocksDB, chDB) is not sampled.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ def command(pid: int, out: Path, seconds: float | None = None) -> list[str]:
         "--rate",
         str(RATE),
         "--nonblocking",
+        "--gil",
         "--format",
         "raw",
         "--output",
@@ -91,7 +102,7 @@ def summary(folded: Path, top: int = 15) -> str:
     if not samples:
         return f"{folded.stem}: no samples\n"
     pct = lambda n: f"{100 * n / samples:5.1f}%"  # noqa: E731
-    lines = [f"{folded.stem}: {samples} samples at {RATE}/s (idle time not sampled)"]
+    lines = [f"{folded.stem}: {samples} samples at {RATE}/s (GIL holder only: Python's CPU time)"]
     lines.append(
         "  own time by package: "
         + ", ".join(f"{name} {100 * n / samples:.0f}%" for name, n in packages.most_common(8))
