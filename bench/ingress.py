@@ -9,13 +9,19 @@ against the same load on bare aiohttp handlers (`bench.bare`).
   follows them), each click published to Kafka before the answer.
 
 The load generator is wrk (one thread, the same connections and duration for
-both servers), a process of its own; each measurement follows a 1 s warm-up.
+both servers), a process of its own. Both servers run side by side, each idle
+while the other is loaded, and each figure's load goes to them in turns of at
+most 5 s (bare, ingress, bare, ingress): a slow spell of the shared machine
+longer than a turn then falls on both sides of the ratio, not on one
+(`bench/NOTES.md`, "The ingress figures in turns"). Each server takes a 1 s
+warm-up per figure first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +35,7 @@ LUA = Path(__file__).resolve().parent / "wrk.lua"
 POSTBACK_PATH = "/postback?token=adv-secret&event=install&click_id="
 CLICK_PATH = "/click/c1?pub=net1&sub1=bench&sub2=ios"
 GOAL = ">= 0.7"
+TURN_S = 5  # at most this long on one server before the other's turn
 
 
 def wrk_argv(
@@ -92,16 +99,77 @@ def wrk(
     return result
 
 
-def load(base: str, path: str, seconds: float, connections: int, ids=None, watch=None):
-    wrk(base, path, 1, connections, ids)  # warm-up: connections, producer batches, caches
-    return wrk(base, path, seconds, connections, ids, watch)
+Servers = dict[str, tuple[str, dict[str, int]]]  # name -> (base URL, processes to watch)
+
+
+def warm_up(servers: Servers, path: str, connections: int, ids: Path | None = None) -> None:
+    """1 s of the load on each server: connections, producer batches, caches."""
+    for base, _ in servers.values():
+        wrk(base, path, 1, connections, ids)
+
+
+def turns(
+    servers: Servers, path: str, seconds: float, connections: int, ids: Path | None = None
+) -> dict[str, dict]:
+    """`seconds` of load on each server, in turns of at most TURN_S whole seconds
+    (wrk's -d), the servers in order each turn. Returns each server's turns
+    combined (`combine`)."""
+    count = max(1, math.ceil(seconds / TURN_S))
+    each = max(1, round(seconds / count))
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    for _ in range(count):
+        for name, (base, watch) in servers.items():
+            runs[name].append(wrk(base, path, each, connections, ids, watch))
+    return {name: combine(rs) for name, rs in runs.items()}
+
+
+_COUNTS = (
+    "requests",
+    "duration_us",
+    "ok",
+    "status_errors",
+    "connect_errors",
+    "read_errors",
+    "write_errors",
+    "timeouts",
+)
+
+
+def combine(runs: list[dict]) -> dict:
+    """wrk summaries of one server's turns as one: the counts summed, `ok_per_s`
+    over the summed durations, the CPU averaged (the turns are equally long), the
+    percentiles as the lowest and highest of the turns (`p50_us`, `p99_us`: the
+    highest), and the turns themselves."""
+    out = {k: sum(r[k] for r in runs) for k in _COUNTS}
+    out["ok_per_s"] = out["ok"] / (out["duration_us"] / 1e6)
+    for q in ("p50_us", "p99_us"):
+        out[q] = max(r[q] for r in runs)
+        out[q.replace("_us", "_range_us")] = (min(r[q] for r in runs), out[q])
+    out["cpu"] = {k: sum(r["cpu"][k] for r in runs) / len(runs) for k in runs[0]["cpu"]}
+    out["turns"] = runs
+    return out
+
+
+def _ms(range_us: tuple[int, int]) -> str:
+    low, high = (f"{us / 1000:.1f}" for us in range_us)
+    return f"{low} ms" if low == high else f"{low}-{high} ms"
 
 
 def _describe(r: dict) -> str:
     return (
-        f"{r['ok_per_s']:,.0f} req/s ({r['ok']:,} ok, p50 {r['p50_us'] / 1000:.1f} ms, "
-        f"p99 {r['p99_us'] / 1000:.1f} ms; {cores_text(r['cpu'])})"
+        f"{r['ok_per_s']:,.0f} req/s ({r['ok']:,} ok, p50 {_ms(r['p50_range_us'])}, "
+        f"p99 {_ms(r['p99_range_us'])}; {cores_text(r['cpu'])})"
     )
+
+
+def _turns_text(r: dict) -> str:
+    runs = r["turns"]
+    each = (
+        f"{len(runs)} turns of {r['duration_us'] / len(runs) / 1e6:.0f} s"
+        if len(runs) > 1
+        else "one turn"
+    )
+    return f"{r['duration_us'] / 1e6:.0f} s in {each}, taken in turn with the bare handler's"
 
 
 def _errors(r: dict) -> str:
@@ -120,32 +188,33 @@ def measure(stack: Stack, seconds: float, connections: int) -> list[Figure]:
     bare = stack.spawn(
         "bare", [sys.executable, "-m", "bench.bare", "--listen", f"127.0.0.1:{port}"]
     )
-    bare_url = f"http://127.0.0.1:{port}/"
+    ingress = None
     try:
+        bare_url = f"http://127.0.0.1:{port}/"
         wait_http(f"{bare_url}postback", 30, bare)
-        watch = {"bare": bare.pid}
-        base_pb = load(bare_url, POSTBACK_PATH, seconds, connections, ids, watch)
-        base_click = load(bare_url, CLICK_PATH, seconds, connections, watch=watch)
-    finally:
-        stack.stop(bare)
-
-    ingress = stack.pipeline("ingress", config_path)
-    url = f"http://{settings.ingress_listen}/"
-    try:
+        ingress = stack.pipeline("ingress", config_path)
+        url = f"http://{settings.ingress_listen}/"
         wait_http(f"{url}readyz", 60, ingress)
-        wrk(url, POSTBACK_PATH, 1, connections, ids)  # warm-up outside the count below
+        servers = {
+            "bare": (bare_url, {"bare": bare.pid}),
+            "ingress": (url, {"ingress": ingress.pid, "broker": stack.kafka.proc.pid}),
+        }
+        warm_up(servers, POSTBACK_PATH, connections, ids)
         before = asyncio.run(data.end_offsets(settings, "postbacks"))
-        watch = {"ingress": ingress.pid, "broker": stack.kafka.proc.pid}
-        stack.profile(ingress, seconds, "-postback")
-        pb = wrk(url, POSTBACK_PATH, seconds, connections, ids, watch)
+        stack.profile(ingress, 2 * seconds, "-postback")
+        pb = turns(servers, POSTBACK_PATH, seconds, connections, ids)
         stored = asyncio.run(data.end_offsets(settings, "postbacks")) - before
-        wrk(url, CLICK_PATH, 1, connections)
-        stack.profile(ingress, seconds, "-click")
-        click = wrk(url, CLICK_PATH, seconds, connections, watch=watch)
+        warm_up(servers, CLICK_PATH, connections)
+        stack.profile(ingress, 2 * seconds, "-click")
+        click = turns(servers, CLICK_PATH, seconds, connections)
         ingress.check()
     finally:
-        stack.stop(ingress)
+        if ingress is not None:
+            stack.stop(ingress)
+        stack.stop(bare)
 
+    base_pb, pb = pb["bare"], pb["ingress"]
+    base_click, click = click["bare"], click["ingress"]
     pb_note = f"{stored:,} records reached the postbacks topic during the run"
     if stored < pb["ok"]:
         pb_note += f" - FEWER than the {pb['ok']:,} accepted answers"
@@ -158,7 +227,7 @@ def measure(stack: Stack, seconds: float, connections: int) -> list[Figure]:
             value=pb["ok_per_s"] / base_pb["ok_per_s"],
             measured=_describe(pb),
             baseline=f"bare aiohttp: {_describe(base_pb)}",
-            note=f"{connections} connections, {seconds:g} s; {pb_note}",
+            note=f"{connections} connections, {_turns_text(pb)}; {pb_note}",
             numbers={"ingress": pb, "bare": base_pb, "records_in_topic": stored},
         ),
         Figure(
@@ -167,7 +236,7 @@ def measure(stack: Stack, seconds: float, connections: int) -> list[Figure]:
             value=click["ok_per_s"] / base_click["ok_per_s"],
             measured=_describe(click),
             baseline=f"bare aiohttp: {_describe(base_click)}",
-            note=f"{connections} connections, {seconds:g} s; {click_note}",
+            note=f"{connections} connections, {_turns_text(click)}; {click_note}",
             numbers={"ingress": click, "bare": base_click},
         ),
     ]
