@@ -55,7 +55,8 @@ PORT_ATTEMPTS = 3  # starts with fresh ports when a port picked free was taken m
 # byte arrays; the log cleaner's dedupe buffer alone is 128 MB): under the latency
 # load G1 collected the young generation every 0.6-1.2 s, and in two of three runs ran
 # a concurrent mark cycle every 6-7 s. With 1 GB from the start: every 4-6 s, and no
-# concurrent cycle after start-up (bench: latency, three trios each, 2026-11-26; README).
+# concurrent cycle after start-up (bench: latency, three trios each, 2026-11-26;
+# bench/NOTES.md, "The reference broker's JVM").
 JVM_PERFORMANCE = (
     "-server",
     "-XX:+UseG1GC",

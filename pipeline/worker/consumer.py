@@ -286,10 +286,10 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     GIL in turn. Here the calls are plain awaits on the one loop. At the latency
     load (Apache Kafka, a fetch every few ms) the worker used 0.40-0.42 of a core
     at 1,605-1,724 postbacks/s, against 0.48-0.52 at 1,157-1,599 with the thread
-    (two alternated rounds of three runs, 2026-11-27; the README's *The worker's
-    consumer on its loop*). The consumer's heartbeats share the loop with the
-    handlers, which yield to it after every `CHUNK` records (tens of milliseconds,
-    far under the session timeout).
+    (two alternated rounds of three runs, 2026-11-27; bench/NOTES.md, "The
+    worker's consumer on its loop"). The consumer's heartbeats share the loop with
+    the handlers, which yield to it after every `CHUNK` records (tens of
+    milliseconds, far under the session timeout).
     """
 
     _serving: asyncio.Future | None = None
