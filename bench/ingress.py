@@ -137,14 +137,13 @@ _COUNTS = (
 
 def combine(runs: list[dict]) -> dict:
     """wrk summaries of one server's turns as one: the counts summed, `ok_per_s`
-    over the summed durations, the CPU averaged (the turns are equally long), the
-    percentiles as the lowest and highest of the turns (`p50_us`, `p99_us`: the
-    highest), and the turns themselves."""
+    over the summed durations, the CPU averaged (the turns are equally long), each
+    percentile as the lowest and highest of the turns', and the turns themselves."""
     out = {k: sum(r[k] for r in runs) for k in _COUNTS}
     out["ok_per_s"] = out["ok"] / (out["duration_us"] / 1e6)
-    for q in ("p50_us", "p99_us"):
-        out[q] = max(r[q] for r in runs)
-        out[q.replace("_us", "_range_us")] = (min(r[q] for r in runs), out[q])
+    for q in ("p50", "p99"):
+        values = [r[f"{q}_us"] for r in runs]
+        out[f"{q}_range_us"] = (min(values), max(values))
     out["cpu"] = {k: sum(r["cpu"][k] for r in runs) / len(runs) for k in runs[0]["cpu"]}
     out["turns"] = runs
     return out
