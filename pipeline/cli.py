@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 
-from pipeline import config
+from pipeline import config, extras
 
 DEFAULT_CONFIG = "deploy/example.toml"
 
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_extras(command: str, settings: config.Settings) -> None:
+    if command == "dev":
+        extras.require("embedded", "pipeline dev")
+    if command == "worker" and not settings.worker_store.startswith("memory:"):
+        extras.require("rocksdb", f"worker.store = {settings.worker_store!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -67,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if getattr(args, "kafka", None) or getattr(args, "clickhouse", None):
         settings = settings.with_endpoints(kafka=args.kafka, clickhouse=args.clickhouse)
+    try:
+        _check_extras(args.command, settings)
+    except extras.MissingExtra as e:
+        print(f"pipeline: {e}", file=sys.stderr)
+        sys.exit(2)
 
     if args.command == "dev":
         from pipeline import dev

@@ -13,13 +13,14 @@ import os
 from collections.abc import Sequence
 from decimal import Context, Decimal
 from functools import lru_cache
-from pathlib import Path
+from importlib.resources import files
 
 import fastavro
 
 from pipeline import avro
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# the repository's top-level schemas/, installed as the package `pipeline.schemas`
+SCHEMA_DIR = files("pipeline.schemas")
 
 
 class Codec:
@@ -33,8 +34,7 @@ class Codec:
 
     def __init__(self, name: str, cached_decimals: bool = False):
         self.name = name
-        with open(SCHEMA_DIR / f"{name}.avsc") as f:
-            self.raw_schema = json.load(f)
+        self.raw_schema = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
         self.schema = fastavro.parse_schema(self.raw_schema)
         self.fields = tuple(field["name"] for field in self.raw_schema["fields"])
         self._read_schema, self._decimals = self.schema, ()

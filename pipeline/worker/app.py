@@ -34,7 +34,6 @@ from prometheus_client import (
 from pipeline import codec
 from pipeline.config import Settings
 from pipeline.worker.consumer import App, handling
-from pipeline.worker.expiry import DiskExpiryIndex
 from pipeline.worker.join import Joiner, txn_key
 from pipeline.worker.outputs import Changelogged, Outputs
 from pipeline.worker.recovery import TableManager
@@ -146,6 +145,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
 
     indexes = None
     if on_disk:  # a heap item per key would be most of the memory a disk store saves
+        from pipeline.worker.expiry import DiskExpiryIndex  # the rocksdb extra
+
         data = Path(app.conf.datadir)
         indexes = tuple(DiskExpiryIndex(data / f"expiry-{table}") for table in TABLES)
     joiner = Joiner(

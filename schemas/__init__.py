@@ -1,0 +1,1 @@
+"""The Avro schemas of every topic, with example messages; installed as `pipeline.schemas`."""
