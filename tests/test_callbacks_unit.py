@@ -205,8 +205,29 @@ def test_error_classification():
     assert classify_error(aiohttp.ServerDisconnectedError(), 1)[0] == "retryable"
     assert classify_error(ssrf.Blocked("10.0.0.1 is a private address"), 1)[0] == "blocked"
     assert classify_error(aiohttp.InvalidURL("x"), 1)[0] == "permanent"
-    with pytest.raises(KeyError):
-        classify_error(KeyError("a bug"), 1)
+    # whatever else one request raises is that callback's failure, not the service's
+    assert classify_error(ValueError("backslash in authority"), 1) == (
+        "permanent",
+        "ValueError: backslash in authority",
+    )
+
+
+async def test_a_url_the_client_cannot_send_fails_that_callback_only():
+    from pipeline.callbacks.deliver import Deliverer
+    from pipeline.callbacks.request import Request
+
+    deliverer = Deliverer(timeout=2, allow_private_networks=False)
+    await deliverer.start()
+    try:
+        bad = Request("GET", "http://127.0.0.1:28099\\@vm:28099/x", {}, b"")
+        attempt = await deliverer.send(bad, bad.url)
+        assert attempt.kind == "permanent" and "backslash" in attempt.error
+        for host in ("127.1", "2130706433", "0177.0.0.1", "127.0.0.1."):
+            literal = Request("GET", f"http://{host}:9/x", {}, b"")
+            attempt = await deliverer.send(literal, literal.url)
+            assert attempt.kind == "blocked", (host, attempt)
+    finally:
+        await deliverer.close()
 
 
 def attempt(kind, status=None, error="HTTP 500"):

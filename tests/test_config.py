@@ -156,6 +156,28 @@ def _mutations():
             set_(["campaigns", 0, "events", "Bad-Event"], {"payout": 1}),
             r"campaigns\[0\].events.Bad-Event",
         ),
+        (
+            "URL the callbacks' client cannot send",
+            set_(["publishers", 0, "postback_url"], "http://127.0.0.1:28099\\@vm:28099/x"),
+            r"publishers\[0\].postback_url",
+        ),
+        *(
+            (
+                f"non-canonical IPv4 {host}",
+                set_(["publishers", 0, "postback_url"], f"http://{host}:9999/cb?e={{event}}"),
+                r"publishers\[0\].postback_url",
+            )
+            for host in (
+                "127.1",
+                "0",
+                "2130706433",
+                "017700000001",
+                "0177.0.0.1",
+                "127.0.0.1.",
+                "\uff11\uff12\uff17.0.0.1",
+                "0x7f.0.0.1",
+            )
+        ),
     ]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import logging
 import socket
 import time
 
@@ -24,6 +25,8 @@ from yarl import URL
 
 from pipeline.callbacks import policy, ssrf
 from pipeline.callbacks.request import Request
+
+log = logging.getLogger(__name__)
 
 
 class GuardedResolver(AbstractResolver):
@@ -56,7 +59,10 @@ def classify_error(exc: BaseException, timeout: float) -> tuple[str, str]:
     if isinstance(exc, aiohttp.ClientError | OSError):
         # connection refused or reset, DNS failure, broken response: worth another try
         return policy.RETRYABLE, f"{type(exc).__name__}: {exc}"[:500]
-    raise exc  # a bug, not a delivery outcome
+    # anything else concerns this one request (a URL the client cannot send, say): it
+    # fails for good, and every other callback goes on
+    log.error("callback request failed unexpectedly", exc_info=exc)
+    return policy.PERMANENT, f"{type(exc).__name__}: {exc}"[:500]
 
 
 class Deliverer:
@@ -91,6 +97,8 @@ class Deliverer:
         status: int | None = None
         try:
             url = URL(request.url, encoded=True)
+            if ssrf.noncanonical_ipv4(url.host or ""):
+                raise ssrf.Blocked(f"{url.host!r} is not an IPv4 address in canonical form")
             if not self.allow_private:
                 _check_literal(url.host or "")
             async with self.session.request(
@@ -105,7 +113,7 @@ class Deliverer:
             kind, error = policy.classify_status(status)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - classify_error re-raises what it does not know
+        except Exception as e:  # noqa: BLE001 - every failure is this attempt's outcome
             kind, error = classify_error(e, self.timeout)
         duration_ms = round((time.monotonic() - t0) * 1000)
         return policy.Attempt(kind, status, error, started_ms, duration_ms, logged_url)

@@ -10,6 +10,8 @@ connection goes to exactly those addresses (no second lookup).
 from __future__ import annotations
 
 import ipaddress
+import re
+import unicodedata
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -61,3 +63,25 @@ def check(host: str, addresses: list[str]) -> None:
         reason = refusal(address)
         if reason:
             raise Blocked(reason if address == host else f"{host}: {reason}")
+
+
+_HEX_LABEL = re.compile(r"0[xX][0-9A-Fa-f]*")
+
+
+def noncanonical_ipv4(host: str) -> bool:
+    """Whether some parser would read `host` as an IPv4 address although it is not one
+    in canonical dotted decimal: the forms inet_aton and WHATWG URLs accept (`127.1`,
+    `2130706433`, octal `0177.0.0.1`, hex `0x7f.1`), a trailing dot, or digits that
+    are not ASCII. Such a host is refused everywhere: what it connects to depends on
+    who parses it."""
+    labels = unicodedata.normalize("NFKC", host).split(".")
+    if len(labels) > 1 and labels[-1] == "":
+        labels.pop()
+    last = labels[-1]
+    if not (last.isdigit() or _HEX_LABEL.fullmatch(last)):
+        return False  # a name: it does not end in a number
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
