@@ -1,0 +1,1 @@
+"""Pure rules of the pipeline: no Kafka, HTTP, Faust or ClickHouse imports."""
