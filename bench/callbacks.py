@@ -25,11 +25,12 @@ from collections.abc import Iterator
 from bench import data
 from bench.report import Figure
 from bench.stack import ROOT, CpuMeter, Proc, Stack, cores_text, wait_http
-from pipeline import attribution, codec, kafka
-from pipeline.callbacks import request
-from pipeline.callbacks import task as tasks
+from pipeline import codec, kafka
 from pipeline.config import Settings
-from pipeline.embedded.kafka import free_port
+from pipeline.core import attribution
+from pipeline.core import callback as request
+from pipeline.core import callback as tasks
+from pipeline.dev.kafka import free_port
 from pipeline.worker.app import TOPICS
 
 EXAMPLE_PUBLISHER = "127.0.0.1:9999"  # where deploy/example.toml points its publishers

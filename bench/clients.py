@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline import config, kafka
 from pipeline.config import Settings
-from pipeline.services import settle_heap
+from pipeline.runtime import settle_heap
 
 
 async def raw(requests: list, count: int, concurrency: int) -> dict:
@@ -252,7 +252,7 @@ def main() -> None:
     t.add_argument("--out", required=True)
     args = parser.parse_args()
     # once its inputs are loaded, a client takes them out of the collector's reach, as
-    # the pipeline's components do (pipeline.services.settle_heap): no full collection
+    # the pipeline's components do (pipeline.runtime.settle_heap): no full collection
     # walks them while it measures
     if args.mode == "roundtrip":
         settings = config.load(args.config)

@@ -3,7 +3,7 @@ codecs, and a fast bulk producer to put them in Kafka before a measurement.
 
 Click IDs are issued with the config's first secret (so the worker and the
 ingress accept them); postbacks are the records the ingress would publish for
-an accepted `install`, built by `pipeline.requests.postback_record`.
+an accepted `install`, built by `pipeline.validation.postback_record`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Iterable, Iterator
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from pipeline import clickid, codec, kafka, requests
+from pipeline import codec, kafka
 from pipeline.config import Settings
+from pipeline.core import clickid, validation
 
 PUBS = ("net1", "net2")
 
@@ -44,8 +45,8 @@ def click_record(settings: Settings, click_id: str, i: int) -> dict:
 def postback_record(settings: Settings, click_id: str) -> dict:
     """The record the ingress publishes for an accepted install of `click_id`."""
     params = {"token": "adv-secret", "click_id": click_id, "event": "install"}
-    raw = requests.redacted_raw("GET", "/postback", params)
-    record, rejection = requests.postback_record(settings, params, "127.0.0.1", raw)
+    raw = validation.redacted_raw("GET", "/postback", params)
+    record, rejection = validation.postback_record(settings, params, "127.0.0.1", raw)
     if rejection is not None:
         raise RuntimeError(f"bench postback rejected: {rejection}")
     return record

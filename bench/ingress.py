@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import data
 from bench.report import Figure
 from bench.stack import CpuMeter, Stack, cores_text, wait_http
-from pipeline.embedded.kafka import free_port
+from pipeline.dev.kafka import free_port
 
 LUA = Path(__file__).resolve().parent / "wrk.lua"
 POSTBACK_PATH = "/postback?token=adv-secret&event=install&click_id="

@@ -80,7 +80,7 @@ def _package(name: str) -> str:
 
 # frames every sample passes through: they say nothing about where time goes
 _PLUMBING = ("asyncio", "runpy", "threading", "selectors", "python")
-_ENTRY = ("pipeline/__main__.py", "pipeline/cli.py", "pipeline/services.py", "mode/worker.py")
+_ENTRY = ("pipeline/__main__.py", "pipeline/cli.py", "pipeline/runtime.py", "mode/worker.py")
 
 
 def summary(folded: Path, top: int = 15) -> str:

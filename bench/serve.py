@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from pipeline.services import settle_heap
+from pipeline.runtime import settle_heap
 
 
 async def serve(app: web.Application, host: str, port: int) -> None:

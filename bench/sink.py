@@ -14,14 +14,27 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from datetime import UTC, datetime
 
 from bench import data
 from bench.report import Figure
 from bench.stack import CpuMeter, Stack, cores_text
 from pipeline import codec, kafka
-from pipeline.sink import ddl, rows
+from pipeline.core import rows
+from pipeline.sink import migrations as ddl
 
 TABLES = {"clicks": (codec.CLICK, rows.CLICKS), "postbacks": (codec.POSTBACK, rows.POSTBACKS)}
+
+
+def _row(table: rows.Table, record: dict) -> tuple:
+    """The row a plain clickhouse-connect client would insert for a decoded record."""
+    out = []
+    for column in table.columns:
+        value = record[table.field_of(column)]
+        if column in table.millis.values() and value is not None:
+            value = datetime.fromtimestamp(value / 1000, UTC)
+        out.append(value)
+    return tuple(out)
 
 
 def one_insert_per_table(client, database: str, messages: list, server_pid: int) -> dict:
@@ -29,7 +42,7 @@ def one_insert_per_table(client, database: str, messages: list, server_pid: int)
     batches: dict[str, list[tuple]] = {name: [] for name in TABLES}
     for suffix, _key, value in messages:
         codec_, table = TABLES[suffix]
-        batches[suffix].append(table.row(codec_.decode(value)))
+        batches[suffix].append(_row(table, codec_.decode(value)))
     ddl.migrate(client, database)
     meter = CpuMeter({"client": os.getpid(), "clickhouse": server_pid}).start()
     started = time.monotonic()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import profile
 from pipeline import config
-from pipeline.embedded.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
+from pipeline.dev.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
 from tests.apache_kafka import ApacheKafka  # the reference broker of the tests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "pipeline.embedded.clickhouse",
+                "pipeline.dev.clickhouse",
                 "--path",
                 str(self.workdir / "chdb"),
                 "--listen",
@@ -164,7 +164,9 @@ class Stack:
         run = f"b{uuid.uuid4().hex[:8]}"
         text = EXAMPLE_CONFIG.read_text()
         for old, new in {
-            'bootstrap_servers = "embedded"': f'bootstrap_servers = "{self.bootstrap}"',
+            'bootstrap_servers = "embedded"': (
+                f'bootstrap_servers = "{self.bootstrap}"\nreplication_factor = 1'
+            ),
             'url = "embedded"': f'url = "{self.clickhouse_url}"',
             'topic_prefix = "attribution."': f'topic_prefix = "{run}."',
             'database = "attribution"': f'database = "{run}"',

@@ -31,7 +31,7 @@ from bench.report import Figure
 from bench.stack import CpuMeter, Proc, Stack, cores_text, rss_kib
 from pipeline import kafka
 from pipeline.config import Settings
-from pipeline.embedded.kafka import free_port
+from pipeline.dev.kafka import free_port
 from pipeline.worker.app import RELEASE_INTERVAL_S, TOPICS
 
 STATE_KEYS = 'pipeline_worker_state_keys{table="state"}'

@@ -12,7 +12,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from pipeline.config import Settings
 
@@ -54,13 +54,18 @@ def consumer(settings: Settings, group: str, topics: list[str], **overrides) -> 
     return AIOKafkaConsumer(*topics, **options)
 
 
-def _configs(topic: str) -> dict[str, str] | None:
-    """Faust table changelogs are compacted (as Faust itself would create them)."""
-    return {"cleanup.policy": "compact"} if topic.endswith("-changelog") else None
+def _configs(settings: Settings, topic: str) -> dict[str, str]:
+    """Faust table changelogs are compacted (as Faust itself would create them); an
+    acks=all write needs `kafka.min_insync_replicas` copies."""
+    configs = {"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
+    if topic.endswith("-changelog"):
+        configs["cleanup.policy"] = "compact"
+    return configs
 
 
 async def ensure_topics(settings: Settings, names: list[str], timeout: float = 30) -> None:
-    """Create the topics with `kafka.partitions` partitions if missing; check the count.
+    """Create the topics with `kafka.partitions` partitions and `kafka.replication_factor`
+    copies if missing; check the partition count.
 
     Co-partitioning of clicks and postbacks depends on equal partition counts,
     so a mismatch stops start-up with a clear message.
@@ -75,14 +80,27 @@ async def ensure_topics(settings: Settings, names: list[str], timeout: float = 3
         missing = [t for t in topics if t not in existing]
         if missing:
             try:
-                await admin.create_topics(
+                answer = await admin.create_topics(
                     [
-                        NewTopic(t, settings.kafka_partitions, 1, topic_configs=_configs(t))
+                        NewTopic(
+                            t,
+                            settings.kafka_partitions,
+                            settings.kafka_replication_factor,
+                            topic_configs=_configs(settings, t),
+                        )
                         for t in missing
                     ]
                 )
             except TopicAlreadyExistsError:
-                pass  # another component won the race
+                answer = None  # another component won the race
+            for topic, code, *message in getattr(answer, "topic_errors", ()):
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise RuntimeError(
+                        f"cannot create topic {topic}: {for_code(code).__name__} "
+                        f"{(message or [''])[0] or ''} (kafka.partitions "
+                        f"{settings.kafka_partitions}, kafka.replication_factor "
+                        f"{settings.kafka_replication_factor})"
+                    )
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             described = await admin.describe_topics(topics)

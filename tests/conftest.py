@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config
-from pipeline.embedded.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
+from pipeline.dev.kafka import EmbeddedKafka, die_with_parent, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "deploy" / "example.toml"
@@ -45,7 +45,7 @@ def clickhouse_url(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "pipeline.embedded.clickhouse",
+            "pipeline.dev.clickhouse",
             "--path",
             str(path),
             "--listen",
@@ -74,7 +74,8 @@ def config_text(bootstrap: str, clickhouse: str, extra: str = "", **sections) ->
         'url = "embedded"': f'url = "{clickhouse}"',
         'topic_prefix = "attribution."': f'topic_prefix = "t{run}."',
         'database = "attribution"': f'database = "t{run}"',
-        "partitions = 8": "partitions = 4",
+        # one broker: one copy of each record
+        "partitions = 8": "partitions = 4\nreplication_factor = 1",
     }
     for old, new in replacements.items():
         assert old in text, old

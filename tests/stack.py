@@ -13,9 +13,9 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from pipeline.embedded.kafka import die_with_parent
+from pipeline.dev.kafka import die_with_parent
 from pipeline.ingress.app import build_app
-from pipeline.sink.sink import Sink
+from pipeline.sink import app as sink_app
 
 from .conftest import wait_until
 
@@ -34,7 +34,7 @@ async def ingress(settings):
 
 @contextlib.asynccontextmanager
 async def sink(settings):
-    s = Sink(settings)
+    s = sink_app.build(settings)
     await s.start()
     task = asyncio.create_task(s.run())
     try:

@@ -13,7 +13,9 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from pipeline import attribution, clickid, codec, config, requests
+from pipeline import codec, config
+from pipeline.core import attribution, clickid
+from pipeline.core import validation as requests
 
 from .conftest import EXAMPLE_CONFIG
 

@@ -11,10 +11,10 @@ from decimal import Decimal
 import pytest
 
 from pipeline import codec
+from pipeline.callbacks import app as callbacks_app
 from pipeline.callbacks.replay import replay_dead
-from pipeline.callbacks.service import CallbackService
-from pipeline.sink import ddl
-from pipeline.sink.sink import Sink
+from pipeline.sink import app as sink_app
+from pipeline.sink import migrations as ddl
 
 from .callbacks_support import (
     NO_CLICKHOUSE,
@@ -76,8 +76,8 @@ async def test_each_kind_of_publisher_gets_exactly_the_documented_attempts(tansu
             conversion("", status="unknown_click"),
             conversion("nobody"),  # publisher not configured
         ]
-        sink = Sink(settings)
-        async with running(CallbackService(settings)) as service, running(sink):
+        sink = sink_app.build(settings)
+        async with running(callbacks_app.build(settings)) as service, running(sink):
             await produce_conversions(settings, [*convs.values(), purchase, *ignored])
             total = sum(len(v) for v in EXPECTED.values()) + 1
             client = ddl.connect(settings.clickhouse_url)
@@ -194,7 +194,7 @@ async def test_blocked_addresses_never_receive_a_request(tansu):
             callbacks_config(tansu, NO_CLICKHOUSE, pubs, allow_private_networks="false")
         )
         convs = [conversion("ok"), conversion("flaky")]
-        async with running(CallbackService(settings)):
+        async with running(callbacks_app.build(settings)):
             await produce_conversions(settings, convs)
             attempts = await eventually(
                 lambda: _at_least(read_topic(settings, "callback-attempts", codec.CALLBACK), 2),
@@ -228,7 +228,7 @@ async def test_a_slow_offset_commit_holds_up_no_callback(tansu):
         settings = settings_from(
             callbacks_config(tansu, NO_CLICKHOUSE, publishers_toml(server.port, ["ok"]))
         )
-        service = CallbackService(settings)
+        service = callbacks_app.build(settings)
         async with running(service):
             first = [conversion("ok") for _ in range(4)]
             await produce_conversions(settings, first)
@@ -272,7 +272,7 @@ async def test_a_stalled_publisher_does_not_delay_a_healthy_one(tansu):
         )
         stalled = [conversion("stall") for _ in range(12)]
         healthy = [conversion("ok") for _ in range(6)]
-        service = CallbackService(settings, concurrency=2, pending=4)
+        service = callbacks_app.build(settings, concurrency=2, pending=4)
         async with running(service):
             # the stalled publisher's callbacks come first, on every partition
             await produce_conversions(settings, stalled)
@@ -305,7 +305,7 @@ async def test_dead_letters_replay_after_the_publisher_is_fixed(tansu, tmp_path)
         text = callbacks_config(tansu, NO_CLICKHOUSE, publishers_toml(server.port, ["fixable"]))
         settings = settings_from(text)
         convs = [conversion("fixable"), conversion("fixable", "purchase", txn_id="t-1")]
-        async with running(CallbackService(settings)):
+        async with running(callbacks_app.build(settings)):
             await produce_conversions(settings, convs)
             await eventually(
                 lambda: _at_least(read_topic(settings, "callbacks-dead", codec.CALLBACK_TASK), 2),
@@ -314,7 +314,12 @@ async def test_dead_letters_replay_after_the_publisher_is_fixed(tansu, tmp_path)
                 "2 dead letters",
             )
             server.fixed = True
-            assert await replay_dead(settings) == 2
+            assert (
+                await replay_dead(
+                    settings, callbacks_app.topics(settings), callbacks_app.REPLAY_GROUP
+                )
+                == 2
+            )
             # the command an operator runs: nothing left to replay, each letter goes once
             path = tmp_path / "replay.toml"
             path.write_text(text)

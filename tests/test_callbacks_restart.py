@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from pipeline import config
-from pipeline.embedded.kafka import die_with_parent, free_port
+from pipeline.dev.kafka import die_with_parent, free_port
 
 from .callbacks_support import (
     NO_CLICKHOUSE,

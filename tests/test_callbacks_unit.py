@@ -10,11 +10,13 @@ import pytest
 from standardwebhooks import Webhook
 
 from pipeline import codec
-from pipeline.callbacks import policy, request, ssrf
-from pipeline.callbacks import task as tasks
 from pipeline.callbacks.deliver import GuardedResolver, classify_error
 from pipeline.callbacks.offsets import Tracker
 from pipeline.config import CALLBACK_MACROS, Publisher
+from pipeline.core import callback as request
+from pipeline.core import callback as tasks
+from pipeline.core import delivery as policy
+from pipeline.core import ssrf
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 ALL_MACROS = "&".join(f"{name}={{{name}}}" for name in sorted(CALLBACK_MACROS))
@@ -214,7 +216,7 @@ def test_error_classification():
 
 async def test_a_url_the_client_cannot_send_fails_that_callback_only():
     from pipeline.callbacks.deliver import Deliverer
-    from pipeline.callbacks.request import Request
+    from pipeline.core.callback import Request
 
     deliverer = Deliverer(timeout=2, allow_private_networks=False)
     await deliverer.start()
@@ -392,7 +394,7 @@ def test_retry_topics_rest_between_reads(monkeypatch):
 
     from aiokafka import TopicPartition
 
-    from pipeline.callbacks import service as module
+    from pipeline.callbacks import reader as module
     from tests.callbacks_support import callbacks_config, settings_from
 
     clock = SimpleNamespace(now=100.0)
@@ -401,7 +403,9 @@ def test_retry_topics_rest_between_reads(monkeypatch):
     settings = settings_from(
         callbacks_config("127.0.0.1:9", "http://127.0.0.1:9", "", retry_schedule='["5s", "1m"]')
     )
-    service = module.CallbackService(settings)
+    from pipeline.callbacks import app
+
+    service = app.build(settings)
     assert service.rest == 1.0  # a fifth of 5 s, at most a second
     conversions = TopicPartition(settings.topic("conversions"), 0)
     retry1 = TopicPartition(settings.topic("callbacks-retry-1"), 0)

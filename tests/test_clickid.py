@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pipeline import clickid
+from pipeline.core import clickid
 
 SECRETS = ["current-secret-1", "previous-secret-0"]
 NOW = 1_795_637_791_064

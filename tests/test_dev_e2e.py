@@ -9,9 +9,9 @@ import urllib.request
 
 import pytest
 
-from pipeline import clickid
-from pipeline.embedded.kafka import die_with_parent, free_port
-from pipeline.sink import ddl
+from pipeline.core import clickid
+from pipeline.dev.kafka import die_with_parent, free_port
+from pipeline.sink import migrations as ddl
 
 from .conftest import EXAMPLE_CONFIG, wait_until
 

@@ -22,8 +22,8 @@ import pytest
 from backports import zstd
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from pipeline.embedded.chhttp import ClickHouseError, decode_body, plan_statement
-from pipeline.embedded.clickhouse import EmbeddedClickHouse
+from pipeline.dev.chhttp import ClickHouseError, decode_body, plan_statement
+from pipeline.dev.clickhouse import EmbeddedClickHouse
 
 pytestmark = pytest.mark.clickhouse
 
@@ -300,7 +300,7 @@ async def test_data_survives_a_restart(tmp_path, http):
 async def test_module_serves_until_signalled(tmp_path, http, stop_signal):
     data_dir = tmp_path / "clickhouse"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline.embedded.clickhouse",
+        sys.executable, "-m", "pipeline.dev.clickhouse",
         "--path", str(data_dir), "--listen", "127.0.0.1:0",
         cwd=REPO, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip

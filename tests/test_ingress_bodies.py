@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from pipeline.ingress.app import build_app
-from pipeline.sink import ddl
+from pipeline.sink import migrations as ddl
 
 from .conftest import make_settings
 from .stack import rows_eventually, sink

@@ -8,7 +8,7 @@ from aiohttp.test_utils import TestServer
 
 from pipeline.ingress.app import _query
 
-from .test_requests import QUERIES
+from .test_validation import QUERIES
 
 
 async def both(request: web.Request) -> web.Response:

@@ -8,8 +8,8 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline import clickid
-from pipeline.sink import ddl
+from pipeline.core import clickid
+from pipeline.sink import migrations as ddl
 
 from .conftest import make_settings, wait_until, write_config
 from .stack import ingress, rows_eventually, sink, start_component
@@ -164,7 +164,7 @@ async def test_kafka_down_answers_503_spools_and_republishes(tmp_path, clickhous
     """A broker of its own, stopped mid-test: the 503 is real, and so is the recovery."""
     from dataclasses import replace
 
-    from pipeline.embedded.kafka import EmbeddedKafka, free_port
+    from pipeline.dev.kafka import EmbeddedKafka, free_port
 
     broker = EmbeddedKafka(f"127.0.0.1:{free_port()}")
     broker.start()

@@ -2,8 +2,8 @@ from urllib.parse import quote
 
 import pytest
 
-from pipeline import macros
 from pipeline.config import CALLBACK_MACROS, DESTINATION_MACROS
+from pipeline.core import macros
 
 
 def test_fill_percent_encodes_and_empties_missing():

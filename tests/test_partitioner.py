@@ -4,7 +4,8 @@ import random
 
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from pipeline import clickid, partitioner
+from pipeline import partitioner
+from pipeline.core import clickid
 
 
 def test_murmur2_and_partition_match_aiokafka_on_random_keys():

@@ -15,7 +15,7 @@ from aiokafka.errors import (
     RequestTimedOutError,
 )
 
-from pipeline.ingress.produce import Batch, Produce
+from pipeline.adapters.aiokafka import Batch, Produce
 
 TOPIC = "t"
 

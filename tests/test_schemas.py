@@ -8,7 +8,6 @@ import fastavro
 import pytest
 
 from pipeline import codec
-from pipeline.sink import rows
 
 EXAMPLES = sorted((codec.SCHEMA_DIR / "examples").glob("*/*.json"))
 CODECS = {
@@ -17,6 +16,8 @@ CODECS = {
     "conversion": codec.CONVERSION,
     "callback": codec.CALLBACK,
     "callback_task": codec.CALLBACK_TASK,
+    "skan_report": codec.SKAN_REPORT,
+    "skan_postback": codec.SKAN_POSTBACK,
 }
 
 
@@ -33,20 +34,11 @@ def test_example_round_trips(path: Path):
     assert c.decode(c.encode(record)) == record
 
 
-@pytest.mark.parametrize(
-    "name,table",
-    [
-        ("click", rows.CLICKS),
-        ("postback", rows.POSTBACKS),
-        ("conversion", rows.CONVERSIONS),
-        ("callback", rows.CALLBACKS),
-    ],
-)
-def test_rows_match_schema_and_table(name, table):
-    c = CODECS[name]
-    for path in (codec.SCHEMA_DIR / "examples" / name).glob("*.json"):
-        row = table.row(c.decode(c.encode(c.from_json(json.loads(path.read_text())))))
-        assert len(row) == len(table.columns)
+def test_every_table_is_fed_by_its_schema():
+    from pipeline.sink.app import ROUTES
+
+    for c, table in ROUTES.values():
+        table.avro_schema(c.raw_schema)  # raises when a column has no field
 
 
 @pytest.mark.parametrize("name", ["conversion", "callback_task"])

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 from aiokafka import TopicPartition
 
-from pipeline.sink.sink import Sink
+from pipeline.sink import app as sink_app
+from pipeline.sink.writer import Sink
 
 from .conftest import make_settings
 
@@ -57,7 +58,7 @@ def make_sink(unfetched: int = 0) -> Sink:
     settings = make_settings(
         "127.0.0.1:9", "http://127.0.0.1:9", sink='batch_rows = 100\nbatch_seconds = "1h"'
     )
-    sink = Sink(settings)
+    sink = sink_app.build(settings)
     topic = settings.topic("clicks")
     sink.consumer = FakeConsumer(
         [TopicPartition(topic, 0), TopicPartition(topic, 1)],

@@ -332,7 +332,7 @@ async def test_a_fetched_batch_is_handled_record_by_record_on_its_partition(work
 
 
 def test_a_fetch_is_handled_in_groups_of_at_most_chunk_records_in_offset_order():
-    from pipeline.worker.consumer import _groups
+    from pipeline.adapters.faust import _groups
 
     a, b, c = TP("clicks", 0), TP("clicks", 1), TP("postbacks", 0)
     batches = {a: list(range(5)), b: list(range(3)), c: list(range(2))}
@@ -344,7 +344,7 @@ def test_a_fetch_is_handled_in_groups_of_at_most_chunk_records_in_offset_order()
 
 
 def test_fetches_wait_for_a_few_milliseconds_of_records_only_when_busy():
-    from pipeline.worker.consumer import Coalescer
+    from pipeline.adapters.faust import Coalescer
 
     c = Coalescer(span=0.008, window=0.1, most=64 * 1024)
     # 100 KB/s in 200-byte records (500/s): 800 bytes a span, once a window is measured

@@ -14,9 +14,10 @@ from decimal import Decimal
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline import clickid, codec, config, kafka, requests
-from pipeline.embedded.kafka import free_port
-from pipeline.sink import ddl
+from pipeline import codec, config, kafka
+from pipeline.core import clickid, validation
+from pipeline.dev.kafka import free_port
+from pipeline.sink import migrations as ddl
 from pipeline.worker.app import create_app
 
 from .conftest import config_text, make_settings, wait_until, write_config
@@ -141,7 +142,7 @@ async def test_every_status_amounts_and_fx(store, tansu, clickhouse_url, ch, tmp
                 await postback(http, late_click_id, "purchase", txn_id="t-2", revenue="10")
             ] = ("attributed", "10", "2", "USD", "10", "2")
             await asyncio.sleep(0.5)
-            _, late = requests.click_record(settings, "c1", {"pub": "net1"}, "198.51.100.7", "")
+            _, late = validation.click_record(settings, "c1", {"pub": "net1"}, "198.51.100.7", "")
             late["click_id"] = late_click_id
             late["ts_ms"] = clickid.verify(late_click_id, settings.secrets)
             producer = AIOKafkaProducer(bootstrap_servers=tansu, acks="all")

@@ -20,12 +20,13 @@ from functools import partial
 from aiokafka import AIOKafkaProducer
 
 from pipeline import codec
-from pipeline.callbacks import policy, request
 from pipeline.callbacks.deliver import Deliverer
 from pipeline.callbacks.lanes import Job, Lane
 from pipeline.callbacks.metrics import CallbackMetrics
 from pipeline.callbacks.outbox import Outbox
 from pipeline.config import Settings
+from pipeline.core import callback as request
+from pipeline.core import delivery as policy
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-from pipeline.callbacks import policy, ssrf
-from pipeline.callbacks.request import Request
+from pipeline.core import delivery as policy
+from pipeline.core import ssrf
+from pipeline.core.callback import Request
 
 log = logging.getLogger(__name__)
 

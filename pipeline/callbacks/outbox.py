@@ -6,11 +6,8 @@ and a wake-up; here what was put meanwhile goes out as one produce batch per
 topic partition, and one acknowledgement covers it. Fewer than `fill` outcomes
 first wait `linger` seconds for others. The outcome of a callback is not on
 its way to the publisher (the request has been answered), so the wait costs
-only a later offset commit: on the latency benchmark (2,600 callbacks/s on 2
-cores) 5 ms took the service's produce requests from about 240 a second to
-about 85. Under full load `fill` are waiting at once, and nothing waits (on
-the callbacks figure, waiting every time gave 8,861-9,104 deliveries/s
-against 9,437-9,715 without, three alternated runs each).
+only a later offset commit and saves most produce requests at moderate load;
+under full load `fill` are waiting at once, and nothing waits (bench/NOTES.md).
 
 `put` never blocks. The `done` of an entry runs once every record of the entry
 is acknowledged (the producer has acks=all), never before: the service marks the

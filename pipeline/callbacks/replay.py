@@ -17,24 +17,22 @@ import time
 from aiokafka import TopicPartition
 
 from pipeline import codec, kafka
-from pipeline.callbacks import policy
-from pipeline.callbacks.service import DEAD, retry_topic
 from pipeline.config import Settings
+from pipeline.core import delivery as policy
 
-GROUP = "callbacks-replay"
 
-
-async def replay_dead(settings: Settings) -> int:
-    """Re-enqueue the dead letters not replayed before; returns how many."""
+async def replay_dead(settings: Settings, topics, group: str) -> int:
+    """Re-enqueue the dead letters not replayed before; returns how many. `topics`:
+    the service's (`app.Topics`); `group`: the replay's own consumer group."""
     s = settings
-    await kafka.ensure_topics(s, [DEAD, retry_topic(1)])
+    await kafka.ensure_topics(s, [topics.dead, topics.retry(1)])
     producer = kafka.producer(s)
-    consumer = kafka.consumer(s, s.topic(GROUP), [])
+    consumer = kafka.consumer(s, s.topic(group), [])
     await producer.start()
     await consumer.start()
     count = 0
     try:
-        partitions = [TopicPartition(s.topic(DEAD), p) for p in range(s.kafka_partitions)]
+        partitions = [TopicPartition(s.topic(topics.dead), p) for p in range(s.kafka_partitions)]
         # assigned, not subscribed: no group rebalance to wait for, offsets still commit
         consumer.assign(partitions)
         ends = await kafka.log_end_offsets(s.kafka_bootstrap, partitions)
@@ -49,7 +47,7 @@ async def replay_dead(settings: Settings) -> int:
                     task = policy.replayed(codec.CALLBACK_TASK.decode(message.value), now)
                     sent.append(
                         await producer.send(
-                            s.topic(retry_topic(1)),
+                            s.topic(topics.retry(1)),
                             codec.CALLBACK_TASK.encode(task),
                             key=task["conversion_id"].encode(),
                         )

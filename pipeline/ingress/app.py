@@ -1,9 +1,14 @@
-"""The ingress: validates clicks and postbacks and publishes them to Kafka.
+"""The ingress's wiring and handlers: HTTP in, click and postback events to Kafka.
+
+    GET  /click/{campaign_id}  ─► clicks     (key click_id) ─► 302 to the destination
+    GET|POST /postback         ─► postbacks  (key click_id) ─► 200 accepted | 4xx | 503
+    GET  /healthz /readyz /metrics
 
 Answers only after Kafka acknowledged the event (acks=all). Every postback
 request, accepted or not, is published to the postbacks topic with its outcome
 (or, when Kafka refuses it, spooled locally and republished later), so the
-`postbacks` table explains every request.
+`postbacks` table explains every request. Validation is `core.validation`;
+records are batched into produce requests by `batcher.Batcher`.
 """
 
 from __future__ import annotations
@@ -19,21 +24,24 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import codec, kafka, macros, requests
+from pipeline import codec, kafka, runtime
 from pipeline.config import Settings
+from pipeline.core import macros, validation
+from pipeline.core.validation import Rejected
+from pipeline.ingress.batcher import Batcher
 from pipeline.ingress.metrics import IngressMetrics
-from pipeline.ingress.publisher import Publisher
 from pipeline.ingress.spool import Spool
-from pipeline.requests import Rejected
 
 log = logging.getLogger(__name__)
 
+TOPICS = ["clicks", "postbacks"]
 MAX_BODY = 64 * 1024
 SETTINGS = web.AppKey("settings", Settings)
 PRODUCER = web.AppKey("producer", object)
-PUBLISHER = web.AppKey("publisher", Publisher)
+BATCHER = web.AppKey("batcher", Batcher)
 METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
+DEV_STATUS = web.AppKey("dev_status", str)
 
 
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -52,7 +60,7 @@ async def publish(app: web.Application, topic: str, key: bytes, value: bytes) ->
     started = time.perf_counter()
     try:
         # bounded by the producer's request_timeout_ms; no wait_for: it costs a task per request
-        await app[PUBLISHER].publish(app[SETTINGS].topic(topic), key, value)
+        await app[BATCHER].publish(app[SETTINGS].topic(topic), key, value)
     except (KafkaError, TimeoutError) as e:
         raise Unavailable(f"{type(e).__name__}: {e}") from e
     app[METRICS].publish_latency[topic].observe(time.perf_counter() - started)
@@ -60,13 +68,13 @@ async def publish(app: web.Application, topic: str, key: bytes, value: bytes) ->
 
 def _query(request: web.Request) -> dict[str, str]:
     """`dict(request.query)`, at a third of the cost when nothing is %-escaped."""
-    params = requests.query_params(request.rel_url.raw_query_string)
+    params = validation.query_params(request.rel_url.raw_query_string)
     return dict(request.query) if params is None else params
 
 
 def _client_ip(request: web.Request) -> str:
     settings = request.app[SETTINGS]
-    return requests.client_ip(
+    return validation.client_ip(
         request.remote or "", request.headers.get("X-Forwarded-For"), settings.trusted_proxies
     )
 
@@ -74,7 +82,7 @@ def _client_ip(request: web.Request) -> str:
 async def click(request: web.Request) -> web.Response:
     settings, metrics = request.app[SETTINGS], request.app[METRICS]
     try:
-        campaign, event = requests.click_record(
+        campaign, event = validation.click_record(
             settings,
             request.match_info["campaign_id"],
             _query(request),
@@ -140,8 +148,8 @@ async def postback(request: web.Request) -> web.Response:
         early = None
     except Rejected as rejection:
         early = rejection  # recorded with the query's parameters
-    raw = requests.redacted_raw(request.method, request.path, params)
-    record, rejection = requests.postback_record(settings, params, source_ip, raw)
+    raw = validation.redacted_raw(request.method, request.path, params)
+    record, rejection = validation.postback_record(settings, params, source_ip, raw)
     if early is not None:
         record["outcome"], record["detail"], rejection = early.code, early.detail, early
     key, value = record["click_id"].encode(), codec.POSTBACK.encode(record)
@@ -171,6 +179,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """503 while Kafka is unreachable, or (under `pipeline dev`) a component is down."""
+    down = _components_down(request.app[DEV_STATUS])
+    if down:
+        return web.json_response(
+            {"error": "unavailable", "detail": f"components down: {', '.join(down)}"},
+            status=503,
+        )
     producer = request.app[PRODUCER]
     try:
         ok = await asyncio.wait_for(producer.client.force_metadata_update(), 3)
@@ -181,6 +196,16 @@ async def readyz(request: web.Request) -> web.Response:
             {"error": "unavailable", "detail": "not connected to Kafka"}, status=503
         )
     return web.json_response({"status": "ready"})
+
+
+def _components_down(status_path: str) -> list[str]:
+    """What `pipeline dev` last wrote as down ([] when not run by it)."""
+    if not status_path:
+        return []
+    try:
+        return json.loads(Path(status_path).read_text()).get("down", [])
+    except (OSError, ValueError):
+        return ["unknown (no status from pipeline dev)"]
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -200,7 +225,7 @@ async def _spool_drainer(app: web.Application) -> None:
         if spool.pending():
             try:
                 # a broker that lost its topics must not auto-create them with other counts
-                await kafka.ensure_topics(app[SETTINGS], ["clicks", "postbacks"], timeout=5)
+                await kafka.ensure_topics(app[SETTINGS], TOPICS, timeout=5)
                 await spool.drain(send)
             except (Unavailable, KafkaError, OSError, TimeoutError):
                 pass  # still down; the file is kept whole and tried again
@@ -208,26 +233,28 @@ async def _spool_drainer(app: web.Application) -> None:
 
 async def _kafka_ctx(app: web.Application):
     settings = app[SETTINGS]
-    await kafka.ensure_topics(settings, ["clicks", "postbacks"])
+    await kafka.ensure_topics(settings, TOPICS)
     # no linger in aiokafka: every request waits for its own record's ack, so a fixed
-    # linger would be added to each answer even at full load (bench: ~0.35 -> ~0.45
-    # of bare); the Publisher waits only while its batches are small (its docstring)
+    # linger would be added to each answer even at full load; the Batcher waits only
+    # while its batches are small
     producer = kafka.producer(settings, linger_ms=0)
     await producer.start()
     app[PRODUCER] = producer
-    app[PUBLISHER] = publisher = Publisher(producer)
+    app[BATCHER] = batcher = Batcher(producer)
     drainer = asyncio.create_task(_spool_drainer(app))
     yield
     drainer.cancel()
-    await publisher.flush()
-    publisher.close()
+    await batcher.flush()
+    batcher.close()
     await producer.stop()
 
 
-def build_app(settings: Settings) -> web.Application:
-    """The ingress application; Kafka is connected on startup, closed on cleanup."""
+def build_app(settings: Settings, dev_status: str = "") -> web.Application:
+    """The ingress application; Kafka is connected on startup, closed on cleanup.
+    `dev_status`: the file where `pipeline dev` says which components are down."""
     app = web.Application(client_max_size=MAX_BODY)
     app[SETTINGS] = settings
+    app[DEV_STATUS] = dev_status or ""
     app[METRICS] = IngressMetrics()
     port = settings.ingress_listen.rpartition(":")[2]
     app[SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.spool")
@@ -239,3 +266,23 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     return app
+
+
+async def run(settings: Settings, dev_status: str | None = None) -> None:
+    """Serve on `ingress.listen` until SIGINT or SIGTERM."""
+    runner = web.AppRunner(build_app(settings, dev_status or ""), access_log=None)
+    await runner.setup()
+    host, _, port = settings.ingress_listen.rpartition(":")
+    await web.TCPSite(runner, host, int(port), backlog=1024).start()
+    runtime.settle_heap()
+    log.info("ingress listening on http://%s", settings.ingress_listen)
+    try:
+        await runtime.until_signal()
+    finally:
+        await runner.cleanup()
+
+
+def serve(settings: Settings, dev_status: str | None = None) -> None:
+    """`pipeline ingress`."""
+    Path(settings.spool_dir).mkdir(parents=True, exist_ok=True)
+    asyncio.run(run(settings, dev_status))

@@ -18,6 +18,7 @@ commits offsets (at-least-once; conversion IDs make replays idempotent).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import time
 from pathlib import Path
@@ -31,12 +32,11 @@ from prometheus_client import (
     generate_latest,
 )
 
-from pipeline import codec
+from pipeline import codec, kafka, logs, runtime
+from pipeline.adapters.faust import App, TableManager, committed_offset, handling
 from pipeline.config import Settings
-from pipeline.worker.consumer import App, handling
 from pipeline.worker.join import Joiner, txn_key
 from pipeline.worker.outputs import Changelogged, Outputs
-from pipeline.worker.recovery import TableManager
 from pipeline.worker.state import loads
 
 RAW = dict(key_type=bytes, value_type=bytes)
@@ -69,7 +69,7 @@ def faust_settings(settings: Settings) -> dict:
         store=settings.worker_store,
         datadir=f"{settings.worker_data_dir}/{port}",
         topic_partitions=settings.kafka_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka_replication_factor,
         table_standby_replicas=0,
         # Tansu's JoinGroup waits half the session timeout: keep it short
         broker_session_timeout=settings.kafka_session_timeout,
@@ -164,8 +164,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         if seen is not None:
             return seen >= highwater - 1
         # nothing read since the assignment: what lies before the committed offset was
-        # joined by the previous owner (Faust keeps that offset in a private map)
-        committed = app.consumer._committed_offset.get(tp)
+        # joined by the previous owner
+        committed = committed_offset(app, tp)
         return highwater == 0 or (committed is not None and committed >= highwater)
 
     @app.batch(clicks)
@@ -248,3 +248,28 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         return web.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
 
     return app, joiner
+
+
+def serve(settings: Settings, log_level: str = "INFO", log_format: str = "text") -> None:
+    """`pipeline worker`: create the topics, then run the Faust worker, which owns its
+    event loop and signal handling (Ctrl-C stops it cleanly)."""
+    asyncio.run(kafka.ensure_topics(settings, TOPICS))
+    Path(settings.worker_data_dir).mkdir(parents=True, exist_ok=True)
+    app, _ = create_app(settings)
+    settled = False
+
+    @app.on_rebalance_complete.connect
+    async def settle(app, **kwargs):
+        # once started and recovered; only once, so what a later rebalance leaves
+        # behind stays collectable
+        nonlocal settled
+        if not settled:
+            settled = True
+            runtime.settle_heap()
+
+    faust.Worker(
+        app,
+        loglevel=log_level,
+        logging_config=logs.dict_config(log_level, log_format),
+        redirect_stdouts=False,
+    ).execute_from_commandline()

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
 
-from pipeline import attribution
 from pipeline.config import Settings
+from pipeline.core import attribution
 from pipeline.worker.state import (
     ExpiryIndex,
     dumps,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, MutableMapping
 
-from faust.streams import current_event
 from faust.types import TP
 
 from pipeline import kafka, partitioner
+from pipeline.adapters.faust import aiokafka_producer, current_partition, table_bytes
 
 # record batches sent and not yet acknowledged before the handlers wait for them
 MAX_IN_FLIGHT = 64
@@ -54,7 +54,7 @@ class Outputs:
         if not self.pending:
             return
         pending, self.pending = self.pending, {}
-        producer = self.app.producer._producer  # aiokafka's, started with Faust's producer
+        producer = aiokafka_producer(self.app)
         for (topic, partition), records in pending.items():
             on_sent = self.on_sent.get(topic)
             for future, count in await kafka.send_records(producer, topic, partition, records):
@@ -96,12 +96,7 @@ class Changelogged(MutableMapping):
 
     def __init__(self, table, outputs: Outputs):
         self.store = table.data
-        # the bytes underneath Faust's store (keys and values are raw bytes, so
-        # Faust's (de)serializing layers only cost time): the memory store's dict,
-        # or the RocksDB database of a partition
-        raw = getattr(self.store, "data", None)
-        self._raw: dict | None = raw if isinstance(raw, dict) else None
-        self._db_for_partition = getattr(self.store, "_db_for_partition", None)
+        self._bytes = table_bytes(table)  # partition -> its raw mapping
         self.topic = table.changelog_topic.get_topic_name()
         self.outputs = outputs
         outputs.on_sent[self.topic] = self._persisted
@@ -112,14 +107,6 @@ class Changelogged(MutableMapping):
         # what Faust's own changelog callback records: the offset the store holds
         # (RocksDB keeps it, so a restart replays the changelog from there only)
         self.store.set_persisted_offset(tp, offset)
-
-    def _bytes(self, partition: int):
-        """The raw mapping holding `partition`'s keys (get, __setitem__, __delitem__)."""
-        if self._raw is not None:
-            return self._raw
-        if self._db_for_partition is not None:
-            return self._db_for_partition(partition)
-        return self.store  # another store: through Faust's layers
 
     def _known(self, raw, key: bytes) -> bool:
         last, found = self._last
@@ -132,12 +119,12 @@ class Changelogged(MutableMapping):
         return value
 
     def get(self, key: bytes, default=None):
-        value = self._bytes(current_event().message.partition).get(key)
+        value = self._bytes(current_partition()).get(key)
         self._last = (key, value is not None)
         return default if value is None else value
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
-        partition = current_event().message.partition
+        partition = current_partition()
         raw = self._bytes(partition)
         if not self._known(raw, key):
             self.live[partition] = self.live.get(partition, 0) + 1
@@ -146,7 +133,7 @@ class Changelogged(MutableMapping):
         self.outputs.add(self.topic, key, value, partition)
 
     def __delitem__(self, key: bytes) -> None:
-        partition = current_event().message.partition
+        partition = current_partition()
         raw = self._bytes(partition)
         if self._known(raw, key):
             self.live[partition] = self.live.get(partition, 0) - 1

@@ -46,7 +46,7 @@ from typing import IO, Any, TypeVar
 from aiohttp import web
 from chdb.session import Session
 
-from pipeline.embedded.chhttp import (
+from pipeline.dev.chhttp import (
     ClickHouseError,
     Statement,
     choose_encoding,
@@ -312,7 +312,7 @@ async def _serve(server: EmbeddedClickHouse) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Serve a data directory until SIGINT or SIGTERM, then close it cleanly."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.embedded.clickhouse",
+        prog="python -m pipeline.dev.clickhouse",
         description="Serve chDB behind ClickHouse's HTTP interface.",
     )
     parser.add_argument("--path", required=True, help="data directory (created if missing)")

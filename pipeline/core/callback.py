@@ -1,10 +1,12 @@
-"""Building one callback request: URL, JSON body, headers, Standard Webhooks signature.
+"""A pending callback and the request each attempt of it sends. Pure functions.
 
-Pure functions. The same task always yields the same URL and body; only the
-`webhook-timestamp` (and so the signature) changes between attempts, which is
-what the Standard Webhooks specification asks for (receivers reject old
-timestamps). `Idempotency-Key` and `webhook-id` are the conversion ID on every
-attempt, so a publisher can drop repeats.
+A task (`schemas/callback_task.avsc`) holds the conversion fields a callback is
+built from, not the built request: the request is rebuilt, and re-signed with a
+fresh `webhook-timestamp`, on every attempt from the publisher's current
+settings, as the Standard Webhooks specification asks (receivers reject old
+timestamps). The URL and body of a task never change; `Idempotency-Key` and
+`webhook-id` are the conversion ID on every attempt, so a publisher can drop
+repeats.
 """
 
 from __future__ import annotations
@@ -14,13 +16,97 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
+from decimal import Decimal
+from functools import lru_cache, partial
 from typing import NamedTuple
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from pipeline import macros
-from pipeline.callbacks.task import fields
 from pipeline.config import Publisher, whsec_key
+from pipeline.core import macros
+
+# conversion fields a task copies; everything a callback macro can show
+CONVERSION_FIELDS = (
+    "conversion_id",
+    "click_id",
+    "campaign_id",
+    "pub",
+    "sub1",
+    "sub2",
+    "sub3",
+    "sub4",
+    "sub5",
+    "event",
+    "txn_id",
+    "revenue",
+    "payout",
+    "currency",
+    "click_ts_ms",
+    "conversion_ts_ms",
+    "ctit_seconds",
+)
+
+
+def wants_callback(conversion: Mapping, publishers: Mapping[str, Publisher]) -> bool:
+    """An attributed conversion whose event its publisher subscribes to gets a callback."""
+    if conversion["status"] != "attributed":
+        return False
+    publisher = publishers.get(conversion["pub"])
+    return publisher is not None and conversion["event"] in publisher.events
+
+
+def from_conversion(conversion: Mapping) -> dict:
+    """The task of a conversion's first attempt, due at once."""
+    task = {name: conversion[name] for name in CONVERSION_FIELDS}
+    task.update(
+        attempt=1,
+        retry=0,
+        not_before_ms=0,
+        deferrals=0,
+        last_outcome="",
+        last_status_code=None,
+        last_error="",
+    )
+    return task
+
+
+@lru_cache(maxsize=4096)  # payouts and revenues repeat: a few distinct amounts
+def money(value: Decimal) -> str:
+    """Plain notation, at least two decimals, no trailing zeros beyond: 2 -> "2.00",
+    1.998000 -> "1.998" (never "2E+1")."""
+    value = value.normalize()
+    if value.as_tuple().exponent > -2:
+        value = value.quantize(Decimal("0.01"))
+    return format(value, "f")
+
+
+def _seconds(ms: int | None) -> int | None:
+    return None if ms is None else ms // 1000
+
+
+def fields(task: Mapping) -> dict[str, str | int | None]:
+    """Every callback macro's value, typed for JSON: amounts as exact decimal strings,
+    `ctit` and the Unix timestamps (seconds) as integers, None when there is none
+    (`txn_id` not sent, `ctit` of an in-app event, `click_ts` of an unknown click)."""
+    return {
+        "click_id": task["click_id"],
+        "conversion_id": task["conversion_id"],
+        "campaign_id": task["campaign_id"],
+        "pub": task["pub"],
+        "sub1": task["sub1"],
+        "sub2": task["sub2"],
+        "sub3": task["sub3"],
+        "sub4": task["sub4"],
+        "sub5": task["sub5"],
+        "event": task["event"],
+        "txn_id": task["txn_id"],
+        "revenue": money(task["revenue"]),
+        "payout": money(task["payout"]),
+        "currency": task["currency"],
+        "ctit": task["ctit_seconds"],
+        "click_ts": _seconds(task["click_ts_ms"]),
+        "conversion_ts": _seconds(task["conversion_ts_ms"]),
+    }
+
 
 USER_AGENT = "postback-pipeline-callbacks/1"
 # query parameter names whose values are credentials, whatever the publisher calls them

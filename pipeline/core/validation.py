@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from pipeline import clickid
 from pipeline.config import CURRENCY_RE, EVENT_RE, Campaign, Settings
+from pipeline.core import clickid
 
 MAX_SUB_LEN = 256
 MAX_TXN_LEN = 128

@@ -1,40 +1,32 @@
-"""Publishing many small records through one aiokafka client, batch by batch.
+"""The ingress's produce batcher: many small records through one aiokafka client.
 
-The ingress sends one record per HTTP request and must answer only once that
-record is acknowledged (acks=all). aiokafka's `send()` costs a partitioner
-call, a coroutine, a future and a metadata object per record, and even its
-`send_batch()` a task, a coroutine chain and three futures per batch, woken
-by a sender task per produce request. Here the records of one partition are
-appended to a record batch of our own (`producer.create_batch()`), and the
-ready batches of every partition led by a broker leave as ONE produce request
-(`pipeline.ingress.produce`) sent on the producer's client, as aiokafka's
-sender would send them; the broker's answer resolves the requests' futures
-directly.
+The ingress sends one record per HTTP request and answers only once that record
+is acknowledged (acks=all). aiokafka's `send()` costs a partitioner call, a
+coroutine, a future and a metadata object per record. Here the records of one
+partition are appended to a record batch of our own (`producer.create_batch()`),
+and the ready batches of every partition led by a broker leave as ONE produce
+request (`adapters.aiokafka.Produce`); the broker's answer resolves the
+requests' futures directly.
 
-Contract of `Publisher.publish`: it returns once the broker acknowledged the
+Contract of `Batcher.publish`: it returns once the broker acknowledged the
 batch holding the record (with the producer's acks), or raises a KafkaError
 when the batch could not be delivered: a non-retriable error, or a retriable
 one (leader moved, connection lost, request timed out) that outlived the
 producer's request timeout; retriable errors are retried after the producer's
 retry backoff, with fresh metadata when the error says it is stale. A record
-goes to the partition Kafka's default partitioner picks for its key
-(`pipeline.partitioner`) over the partition count of the producer's latest
-metadata, so consumers co-partitioned by key see it where they would with
-`producer.send()`. Records of a partition reach the broker in the order they
-were published: a partition has at most one batch in flight, a retried batch
-goes before the partition's newer ones.
+goes to the partition Kafka's default partitioner picks for its key over the
+partition count of the producer's latest metadata, so consumers co-partitioned
+by key see it where they would with `producer.send()`. Records of a partition
+reach the broker in the order they were published: a partition has at most one
+batch in flight, a retried batch goes before the partition's newer ones.
 
 When a produce request leaves: a leader has at most one in flight. Its ready
 batches leave together once none is in flight and either they hold `fill`
 records (a full batch counts as `fill`) or the oldest of them has waited
-`linger` seconds. Under load, the records gathered while a request was in
-flight reach `fill`, so the next request leaves the moment that one returns,
-as with `send()` and no linger. At a few thousand records a second they do
-not, and the wait saves requests: on the latency benchmark (2,600 postbacks/s
-on 2 cores) 2 ms cut the produce requests from about 1,100 a second, mostly
-of two or three records, to about 300, and the CPU the ingress and the broker
-used by about a tenth of a core. A batch stays open for appends until its
-request leaves.
+`linger` seconds. Under load the records gathered while a request was in flight
+reach `fill`, so the next request leaves the moment that one returns; at a few
+thousand records a second the short wait saves most requests (bench/NOTES.md).
+A batch stays open for appends until its request leaves.
 """
 
 from __future__ import annotations
@@ -47,18 +39,17 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import LeaderNotAvailableError, NotLeaderForPartitionError, ProducerClosed
 from aiokafka.structs import TopicPartition
 
-from pipeline.ingress.produce import Batch, Produce
+from pipeline.adapters.aiokafka import Batch, Produce, is_closed, is_idempotent
 from pipeline.partitioner import partition
 
 LINGER = 0.002  # seconds a small batch waits for more records (see the module docstring)
 FILL = 16  # records that go at once, without waiting
 
 
-class Publisher:
+class Batcher:
     def __init__(self, producer: AIOKafkaProducer, linger: float = LINGER, fill: int = FILL):
-        if producer._txn_manager is not None:
-            # idempotence and transactions need sequence numbers aiokafka's sender keeps
-            raise ValueError("the publisher needs a producer without idempotence")
+        if is_idempotent(producer):
+            raise ValueError("the batcher needs a producer without idempotence")
         self.producer = producer
         self._cluster = producer.client.cluster
         self._produce = Produce(producer)
@@ -115,7 +106,7 @@ class Publisher:
         """Send every partition's oldest batch whose leader has no request in flight,
         unless the leader's batches are small and young (they wait for more records)."""
         self._scheduled = False
-        closed = self.producer._closed
+        closed = is_closed(self.producer)
         by_node: dict[int, list[tuple[str, int]]] = {}
         unknown = False
         now = time.monotonic()

@@ -1,10 +1,4 @@
-"""The callbacks service: attributed conversions in, publisher callbacks out.
-
-    conversions ─────────┐                        ┌─► callback-attempts ─► sink ─► callbacks
-                         ├─► group "callbacks" ─► │   (every attempt, one row each)
-    callbacks-retry-1..N ┘   lane per publisher   ├─► callbacks-retry-<n> (retry n, due later)
-          ▲                  ─► HTTP              └─► callbacks-dead (failed or blocked)
-          └──────── `pipeline callbacks-replay` ◄───────┘
+"""The callbacks service's reading loop: Kafka records in, attempts started.
 
 Checkpoint order, per message: make the attempt; publish its outcome (attempt
 row, plus the next retry task or the dead letter; acks=all); only then mark the
@@ -22,8 +16,7 @@ and resumed at its due time: a waiting retry lives in Kafka only, costs no
 memory, and survives any restart with its due time. Between reads the retry
 topics rest (paused) for a fifth of the shortest retry delay, at most a second,
 so a retry is late by at most that: every fetch would otherwise carry all their
-partitions, mostly empty, and the broker reads each of them per fetch (on the
-latency benchmark, a quarter of its young-generation collections). A read lasts
+partitions, mostly empty, and the broker reads each of them per fetch. A read lasts
 until the broker has answered a fetch for each of them, and reads follow each
 other without a rest while they bring records.
 
@@ -46,27 +39,26 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from pipeline import codec, kafka
-from pipeline.callbacks import request
-from pipeline.callbacks import task as tasks
 from pipeline.callbacks.attempts import Attempts, now_ms
 from pipeline.callbacks.lanes import Job, Lane
 from pipeline.callbacks.metrics import CallbackMetrics
 from pipeline.callbacks.offsets import Tracker
 from pipeline.config import Settings
 
+if TYPE_CHECKING:
+    from pipeline.callbacks.app import Topics
+from pipeline.core import callback as request
+from pipeline.core import callback as tasks
+
 log = logging.getLogger(__name__)
 
-GROUP = "callbacks"
-CONVERSIONS = "conversions"
-ATTEMPTS = "callback-attempts"
-DEAD = "callbacks-dead"
-RETRY = "callbacks-retry-"
 COMMIT_INTERVAL = 0.5
 HOLD = 1.0  # seconds a partition may wait for a full lane (see the module docstring)
 HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
@@ -74,17 +66,6 @@ RETRY_REST_MOST = 1.0  # seconds the retry topics rest between reads, at most
 # what is read: the amounts of a campaign repeat, so their Decimals come from a cache
 CONVERSION_READER = codec.Codec("conversion", cached_decimals=True)
 TASK_READER = codec.Codec("callback_task", cached_decimals=True)
-
-
-def retry_topic(n: int) -> str:
-    return f"{RETRY}{n}"
-
-
-def topics(settings: Settings) -> list[str]:
-    """Every topic of the service (suffixes); always at least one retry topic, which
-    also parks deferred tasks and takes dead-letter replays."""
-    retries = max(1, len(settings.retry_schedule))
-    return [CONVERSIONS, ATTEMPTS, DEAD, *(retry_topic(n) for n in range(1, retries + 1))]
 
 
 def park_delay(settings: Settings) -> float:
@@ -106,22 +87,23 @@ class CallbackService:
     def __init__(
         self,
         settings: Settings,
-        # requests at once per publisher: 16 would cap a publisher whose answers take
-        # 8 ms at 2,000 callbacks/s, 64 at 8,000/s (on the latency benchmark, a publisher
-        # answering at once, neither was steadily faster than the other)
+        topics: Topics,
+        group: str,
+        # requests at once per publisher: enough for a publisher that answers in a few
+        # milliseconds to take thousands a second
         concurrency: int = 64,
         pending: int = 256,
         window: int = 10_000,
         hold: float = HOLD,
     ):
-        self.settings = settings
+        self.settings, self.topics, self.group = settings, topics, group
         self.lanes = {
             pub: Lane(concurrency, pending, request.redactor(publisher))
             for pub, publisher in settings.publishers.items()
         }
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
-        self.conversions = settings.topic(CONVERSIONS)
+        self.conversions = settings.topic(topics.conversions)
         self.trackers: dict[TopicPartition, Tracker] = {}
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
@@ -139,8 +121,8 @@ class CallbackService:
         self.attempts = Attempts(
             settings,
             self.metrics,
-            {"attempts": settings.topic(ATTEMPTS), "dead": settings.topic(DEAD)},
-            lambda n: settings.topic(retry_topic(n)),
+            {"attempts": settings.topic(topics.attempts), "dead": settings.topic(topics.dead)},
+            lambda n: settings.topic(topics.retry(n)),
             park_delay(settings),
             self._finish,
             self.wake,
@@ -149,15 +131,16 @@ class CallbackService:
 
     async def start(self) -> None:
         s = self.settings
-        await kafka.ensure_topics(s, topics(s))
+        await kafka.ensure_topics(s, self.topics.all())
         self.producer = kafka.producer(s)
         await self.producer.start()
         await self.attempts.start(self.producer)
-        self.consumer = kafka.consumer(s, s.topic(GROUP), [])
+        self.consumer = kafka.consumer(s, s.topic(self.group), [])
         await self.consumer.start()
         # retry topics of a longer, older schedule may still hold tasks: drain them too
-        wanted = {s.topic(t) for t in topics(s) if t.startswith(RETRY)}
-        wanted |= {t for t in await self.consumer.topics() if t.startswith(s.topic(RETRY))}
+        prefix = s.topic(self.topics.retry_prefix)
+        wanted = {s.topic(t) for t in self.topics.retries()}
+        wanted |= {t for t in await self.consumer.topics() if t.startswith(prefix)}
         self.consumer.subscribe([self.conversions, *sorted(wanted)], listener=_Rebalance(self))
 
     async def stop(self) -> None:
@@ -209,8 +192,8 @@ class CallbackService:
             self._drain()
             self.metrics.in_flight.set(self.in_flight + self.backlogged)
             if time.monotonic() - last_commit >= COMMIT_INTERVAL and self._commit_settled():
-                # beside the reads: awaited here, the broker's answer (latency benchmark:
-                # p50 4 ms, up to 22 ms) held up every record fetched meanwhile
+                # beside the reads: awaited here, the broker's answer would hold up
+                # every record fetched meanwhile
                 self.committing = asyncio.create_task(self.commit())
                 last_commit = time.monotonic()
 
@@ -340,7 +323,7 @@ class CallbackService:
                     "callbacks in %s",
                     task["pub"],
                     lane.pending,
-                    retry_topic(1),
+                    self.topics.retry(1),
                 )
             work = self.attempts.park
         tracker.start(message.offset)

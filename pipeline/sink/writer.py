@@ -15,7 +15,7 @@ rather than loses rows, and its lag metric shows it.
 
 The sink decodes nothing: the message values are bare Avro bodies, so a
 table's batch is sent as one Avro container file of them, under the record's
-schema with fields named as columns (`rows.Table.avro_schema`), and ClickHouse
+schema with fields named as columns (`core.rows.Table.avro_schema`), and ClickHouse
 decodes and shapes the rows (`INSERT INTO t (columns) FORMAT Avro`).
 """
 
@@ -32,24 +32,16 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from pipeline import codec, kafka
 from pipeline.config import Settings
-from pipeline.sink import ddl, rows
+from pipeline.sink import migrations
 
 log = logging.getLogger(__name__)
 
-# topic suffix -> (codec, table): the whole routing of the sink
-ROUTES = {
-    "clicks": (codec.CLICK, rows.CLICKS),
-    "postbacks": (codec.POSTBACK, rows.POSTBACKS),
-    "conversions": (codec.CONVERSION, rows.CONVERSIONS),
-    "callback-attempts": (codec.CALLBACK, rows.CALLBACKS),
-}
-GROUP = "sink"
-
 
 class Sink:
-    def __init__(self, settings: Settings, routes: dict | None = None):
+    def __init__(self, settings: Settings, routes: dict, group: str):
+        """`routes`: topic suffix -> (codec, rows.Table); `group`: the consumer group."""
         self.settings = settings
-        self.routes = routes or ROUTES
+        self.routes, self.group = routes, group
         # topic -> (table, the container its bodies are sent in)
         self.by_topic = {
             settings.topic(name): (table, codec.Container(table.avro_schema(codec_.raw_schema)))
@@ -62,10 +54,10 @@ class Sink:
     async def start(self) -> None:
         s = self.settings
         await kafka.ensure_topics(s, list(self.routes))
-        self.client = await asyncio.to_thread(ddl.connect, s.clickhouse_url)
-        await asyncio.to_thread(ddl.migrate, self.client, s.clickhouse_database)
+        self.client = await asyncio.to_thread(migrations.connect, s.clickhouse_url)
+        await asyncio.to_thread(migrations.migrate, self.client, s.clickhouse_database)
         self.consumer = kafka.consumer(
-            s, s.topic(GROUP), list(self.by_topic), max_poll_records=s.sink_batch_rows
+            s, s.topic(self.group), list(self.by_topic), max_poll_records=s.sink_batch_rows
         )
         await self.consumer.start()
 

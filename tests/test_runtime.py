@@ -1,9 +1,9 @@
-"""pipeline.services helpers that every component runs."""
+"""pipeline.runtime helpers that every component runs."""
 
 import gc
 import weakref
 
-from pipeline.services import settle_heap
+from pipeline.runtime import settle_heap
 
 
 class _Node:

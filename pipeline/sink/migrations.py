@@ -124,3 +124,14 @@ def migrate(client, database: str) -> list[int]:
 def connect(url: str, database: str | None = None, **kwargs):
     """A clickhouse-connect client for an http(s) URL (user and password may be in it)."""
     return clickhouse_connect.get_client(dsn=url, database=database or "", **kwargs)
+
+
+def run(settings) -> list[int]:
+    """`pipeline migrate`: create or upgrade the database; returns the versions applied."""
+    client = connect(settings.clickhouse_url)
+    try:
+        applied = migrate(client, settings.clickhouse_database)
+    finally:
+        client.close()
+    print(f"database {settings.clickhouse_database}: applied {applied or 'nothing, up to date'}")
+    return applied

@@ -99,3 +99,9 @@ async def run(
     for key, count in sorted(outcomes.items()):
         print(f"{key:>20}  {count}")
     return outcomes
+
+
+def main(settings: Settings, args) -> None:
+    """`pipeline simulate`."""
+    url = args.url or f"http://{settings.ingress_listen}"
+    asyncio.run(run(settings, url, args.clicks, args.install_rate, args.concurrency, args.seed))

@@ -1,26 +1,27 @@
-"""Faust's Kafka consumer, handing each fetched batch to one handler per topic.
+"""Faust, adapted: the one module that reaches into Faust's internals.
 
-Faust delivers every record on its own: the consumer races a task for the record
-against a task waiting for a flow stop (`Service.wait_first`), the conductor decodes
-it into an event and queues it, and the agent's stream takes it out again, sets its
-context and acks it. That machinery costs about 200 µs a record on this machine
-(bench: worker, profile), forty times a raw consumer. `BatchConsumer` keeps all of
-Faust that matters for correctness (group membership, the co-partitioned assignment,
-table recovery, flow control across rebalances, acks and commits, the producer
-flush before each commit) and replaces only that per-record delivery: the records
-of a fetch that belong to a batch topic go to the topic's handler as one list.
+What the worker relies on, and why (tests/test_adapters.py pins each against the
+installed Faust, so an upgrade that changes one fails a test, not production):
 
-A handler is a plain function that never awaits, so no rebalance can interleave
-between reading and writing a key (the invariant Faust's concurrency-1 agents gave).
-Its table writes go through the Faust tables as before: `table[key] = value`
-writes the store and queues the changelog record, on the partition of the record
-being handled, which `handling` makes Faust's current event. Records are acked once
-their handler returned; Faust flushes the producer (the changelog and every output
-queued by the handler) before it commits their offsets.
-
-The aiokafka consumer runs on the worker's event loop, not on a thread of its own
-as in Faust (`ConsumerThread`): a fetch is an await, not two hand-overs between
-threads.
+- `BatchConsumer._drain_messages`: Faust delivers every record on its own, through
+  a task race, a queue and a stream step, which costs far more than the handling
+  (bench/NOTES.md). Here the records of a fetch that belong to a batch topic go to
+  that topic's handler as one list per partition; everything of Faust that matters
+  for correctness stays (group membership, the co-partitioned assignment, table
+  recovery, flow control across rebalances, acks and commits, the producer flush
+  before each commit). A handler is a plain function that never awaits, so no
+  rebalance interleaves between reading and writing a key. Records are acked once
+  their handler returned and its outputs were handed to the producer.
+- `handling(message)`: makes `message` Faust's current event, which decides the
+  partition of a table read or write and of its changelog record.
+- `ConsumerThread`: the aiokafka consumer on the worker's own event loop instead of
+  a thread and loop of its own (a fetch is an await, not two hand-overs between
+  threads), with the pipeline's short fetch wait, draining only partitions Faust
+  will not drop.
+- `Recovery`: table recovery that resumes the stream partitions only once it is
+  safe, with highwaters read as `kafka.log_end_offsets` reads them.
+- Accessors for the few private attributes the worker reads: the producer under
+  Faust's, the committed offsets, a table store's raw bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import faust
-from faust.streams import _current_event
+import faust.tables.recovery
+from aiokafka import TopicPartition
+from faust.streams import _current_event, current_event
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
@@ -40,29 +43,21 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import maybe_async, notify
 
 from pipeline import kafka
+from pipeline.adapters import aiokafka as aiokafka_adapter
 
 # a handler gets the records of one partition: aiokafka's ConsumerRecords (or Faust
 # Messages in tests), each with .topic, .partition, .offset, .key and .value
 BatchHandler = Callable[[list[Message]], None]
 
-# Faust's aiokafka driver hard-codes a 1.5 s fetch wait; Tansu answers a fetch that
-# found nothing only at its max wait, so each hop through the worker waited up to it
-# (bench: latency; 100 ms gave a p99 ratio of 4.3 at 2,600 postbacks/s, 20 ms 2.0):
-# the wait of every consumer of the pipeline
+# Faust's driver hard-codes a 1.5 s fetch wait, and Tansu answers a fetch that found
+# nothing only at its max wait: every hop through the worker would wait that long
 FETCH_MAX_WAIT_MS = kafka.FETCH_MAX_WAIT_MS
 # records handled between two yields to the event loop (its web server, timers, the
 # Kafka consumer's fetches and heartbeats)
 CHUNK = 2000
 # A busy worker's fetch waits at the broker for about this many seconds' worth of
-# records at the recent rate (fetch_min_bytes; never longer than the fetch wait; a
-# light load, under a record a span, is not held). The worker's cost is mostly per
-# fetch (then Faust's hand-over between its two threads, a fetch and a produce request):
-# at 2,112 postbacks/s on Apache Kafka it used 0.51 of a core fetching whatever had
-# arrived, 0.38-0.42 with a 4 ms span and 0.33 with 8 ms (bench: latency, 2026-11-26).
-# Once the other processes needed less CPU, 4 ms gave the lower p99 (two pairs of
-# alternated trios at 2,630-2,650 postbacks/s: accepted -> conversion p50 0.7-0.8 ms
-# against 2.6-2.8, the pipeline's p99 10.1-16.6 ms against 12.2-15.8, the figure's
-# trio medians 1.83 and 2.04 against 2.71 and 3.25; 2026-11-26, night)
+# records at the recent rate (fetch_min_bytes): its cost is mostly per fetch, so
+# fewer, fuller fetches save CPU; a light load is never held
 COALESCE_S = 0.004
 COALESCE_WINDOW_S = 0.1  # the rate is measured over this long; a longer lull resets it
 COALESCE_MOST = 64 * 1024
@@ -186,11 +181,10 @@ class BatchConsumer(driver.Consumer):
             self.diag.unset_flag(CONSUMER_FETCHING)
 
     def _set_fetch_min_bytes(self, value: int) -> None:
-        """The minimum bytes of the consumer thread's next fetches (aiokafka 0.14's
-        Fetcher reads its attribute for every request it builds)."""
-        fetcher = getattr(getattr(self._thread, "_consumer", None), "_fetcher", None)
-        if fetcher is not None:
-            fetcher._fetch_min_bytes = value
+        """The minimum bytes of the consumer thread's next fetches."""
+        consumer = getattr(self._thread, "_consumer", None)
+        if consumer is not None:
+            aiokafka_adapter.set_fetch_min_bytes(consumer, value)
 
     async def _seek_back(self) -> None:
         """Faust's `getmany` with the flow stopped: back to the committed offsets."""
@@ -277,20 +271,10 @@ def _groups(batches: dict[TP, list], size: int) -> Iterator[list[tuple[TP, list]
 
 
 class ConsumerThread(driver.AIOKafkaConsumerThread):
-    """Faust's consumer "thread", with a short fetch wait and a safe fetch, run on
-    the worker's own event loop instead of a thread of its own.
-
-    Faust runs the aiokafka consumer on a second event loop in a second thread and
-    hands every call across: each fetch wakes the consumer thread's loop, waits
-    for it, and wakes the main loop again with the records, two threads taking the
-    GIL in turn. Here the calls are plain awaits on the one loop. At the latency
-    load (Apache Kafka, a fetch every few ms) the worker used 0.40-0.42 of a core
-    at 1,605-1,724 postbacks/s, against 0.48-0.52 at 1,157-1,599 with the thread
-    (two alternated rounds of three runs, 2026-11-27; bench/NOTES.md, "The
-    worker's consumer on its loop"). The consumer's heartbeats share the loop with
-    the handlers, which yield to it after every `CHUNK` records (tens of
-    milliseconds, far under the session timeout).
-    """
+    """Faust's consumer "thread", run as a task of the worker's own event loop, with a
+    short fetch wait and a safe fetch. The consumer's heartbeats share the loop with
+    the handlers, which yield to it every `CHUNK` records (tens of milliseconds, far
+    under the session timeout)."""
 
     _serving: asyncio.Future | None = None
 
@@ -320,7 +304,7 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # aiokafka 0.14's attribute, pinned
+        aiokafka_adapter.set_fetch_max_wait_ms(consumer, FETCH_MAX_WAIT_MS)
         return consumer
 
     async def _fetch_records(self, consumer, active_partitions, timeout=None, max_records=None):
@@ -383,3 +367,112 @@ class App(faust.App):
             return handler
 
         return register
+
+
+class Recovery(faust.tables.recovery.Recovery):
+    """Faust's table recovery, resuming the stream partitions only once it is safe.
+
+    Faust's `Recovery.on_recovery_completed` resumes the stream partitions first and
+    only then awaits `perform_seek` and calls `app.flow_control.resume()`. The consumer
+    flow is already running (it was resumed to read the changelogs), so records that
+    aiokafka prefetched for those partitions during the recovery reach the streams'
+    queues while `perform_seek` is awaited, and `flow_control.resume()` then empties
+    those queues (they are `clear_on_resume`): dropped, never processed, never acked,
+    while aiokafka's position has moved past them. Nothing seeks back (a partition
+    without a committed offset is not seeked at all), later records are committed past
+    them: a partition taken over after a rebalance silently loses its backlog, often
+    all of it on Apache Kafka, which fills the prefetch buffers during the recovery.
+
+    Same steps here, in a safe order: seek, clear the queues, then resume the stream
+    partitions and the flow.
+    """
+
+    async def _build_highwaters(self, consumer, tps, destination, title: str) -> None:
+        """Faust's highwaters (the last offset to restore) from `kafka.log_end_offsets`:
+        Faust asks ListOffsets, which on Tansu stops short of the last record batch."""
+        bootstrap = ",".join(f"{url.host}:{url.port}" for url in self.app.conf.broker_consumer)
+        ends = await kafka.log_end_offsets(
+            bootstrap, [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        )
+        highwaters = {tp: ends[TopicPartition(tp.topic, tp.partition)] - 1 for tp in tps}
+        self.log.info(
+            "Highwater for %s changelog partitions:\n%s",
+            title,
+            self._highwater_logtable(highwaters, title=title),
+        )
+        destination.clear()
+        destination.update(highwaters)
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        app, consumer = self.app, self.app.consumer
+        self.log.info("Restore complete!")
+        await app.on_rebalance_complete.send()
+        self._set_recovery_ended()
+        callbacks = [
+            asyncio.ensure_future(
+                table.on_recovery_completed(
+                    self.actives_for_table[table], self.standbys_for_table[table]
+                )
+            )
+            for table in self.tables.values()
+        ]
+        if callbacks:
+            await asyncio.wait(callbacks)
+        if app.consumer_generation_id != generation_id:
+            self.log.warning(
+                "Recovery rebalancing again app id %r param %r",
+                app.consumer_generation_id,
+                generation_id,
+            )
+            return
+        assignment = consumer.assignment()
+        if assignment:
+            self.log.info("Seek stream partitions to committed offsets.")
+            await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
+        self.completed.set()
+        app.flow_control.resume()  # clears Faust's stream queues: nothing of this generation yet
+        consumer.resume_partitions({tp for tp in assignment if not self._is_changelog_tp(tp)})
+        consumer.resume_flow()
+        await app._fetcher.maybe_start()
+        self.tables.on_actives_ready()
+        if not app.assignor.assigned_standbys():
+            self.tables.on_standbys_ready()
+        app.on_rebalance_end()
+        self.log.info("Worker ready")
+
+
+class TableManager(faust.tables.TableManager):
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
+def aiokafka_producer(app: faust.App):
+    """The started aiokafka producer under Faust's producer."""
+    return app.producer._producer
+
+
+def committed_offset(app: faust.App, tp: TP) -> int | None:
+    """The offset Faust last committed for `tp` (None when none since the assignment)."""
+    return app.consumer._committed_offset.get(tp)
+
+
+def table_bytes(table) -> Callable[[int], Any]:
+    """`partition -> mapping` of a table's raw bytes underneath Faust's store (keys and
+    values are bytes already, so Faust's (de)serializing layers only cost time): the
+    memory store's dict, RocksDB's database of the partition, or the store itself."""
+    store = table.data
+    raw = getattr(store, "data", None)
+    if isinstance(raw, dict):
+        return lambda partition: raw
+    per_partition = getattr(store, "_db_for_partition", None)
+    if per_partition is not None:
+        return per_partition
+    return lambda partition: store
+
+
+def current_partition() -> int:
+    """The partition of the record being handled (see `handling`)."""
+    return current_event().message.partition

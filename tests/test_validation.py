@@ -8,8 +8,9 @@ from decimal import Decimal
 import pytest
 from yarl import URL
 
-from pipeline import clickid, config, requests
-from pipeline.requests import Rejected
+from pipeline import config
+from pipeline.core import clickid, validation
+from pipeline.core.validation import Rejected
 
 from .conftest import EXAMPLE_CONFIG
 
@@ -40,8 +41,10 @@ def good(settings, **extra):
 
 def test_accepted_postback_record(settings):
     params = good(settings, txn_id="t-1", revenue="19.99", currency="EUR")
-    raw = requests.redacted_raw("GET", "/postback", params)
-    record, rejection = requests.postback_record(settings, params, "198.51.100.1", raw, now_ms=NOW)
+    raw = validation.redacted_raw("GET", "/postback", params)
+    record, rejection = validation.postback_record(
+        settings, params, "198.51.100.1", raw, now_ms=NOW
+    )
     assert rejection is None
     assert record["outcome"] == "accepted" and record["advertiser"] == "acme"
     assert record["click_ts_ms"] == NOW - 1000
@@ -72,7 +75,9 @@ def test_accepted_postback_record(settings):
 )
 def test_rejections(settings, change, status, code):
     params = {k: v for k, v in {**good(settings), **change}.items() if v is not None}
-    record, rejection = requests.postback_record(settings, params, "198.51.100.1", "{}", now_ms=NOW)
+    record, rejection = validation.postback_record(
+        settings, params, "198.51.100.1", "{}", now_ms=NOW
+    )
     assert (rejection.status, rejection.code) == (status, code)
     assert record["outcome"] == code and record["detail"] == rejection.detail
     assert rejection.body() == {"error": code, "detail": rejection.detail}
@@ -91,7 +96,7 @@ def test_rejections(settings, change, status, code):
 )
 def test_ip_allowlist(settings, ip, allowed):
     params = {**good(settings), "token": "strict-token"}
-    _, rejection = requests.postback_record(settings, params, ip, "{}", now_ms=NOW)
+    _, rejection = validation.postback_record(settings, params, ip, "{}", now_ms=NOW)
     assert (rejection is None) == allowed
     if not allowed:
         assert (rejection.status, rejection.code) == (403, "ip_not_allowed")
@@ -99,7 +104,7 @@ def test_ip_allowlist(settings, ip, allowed):
 
 def test_token_checked_before_click_id(settings):
     params = {"token": "nope-nope", "click_id": "garbage", "event": "install"}
-    _, rejection = requests.postback_record(settings, params, "1.2.3.4", "{}", now_ms=NOW)
+    _, rejection = validation.postback_record(settings, params, "1.2.3.4", "{}", now_ms=NOW)
     assert rejection.code == "bad_token"
 
 
@@ -117,11 +122,11 @@ PROXY = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
     ],
 )
 def test_client_ip(remote, xff, expected):
-    assert requests.client_ip(remote, xff, PROXY) == expected
+    assert validation.client_ip(remote, xff, PROXY) == expected
 
 
 def test_click_record(settings):
-    campaign, click = requests.click_record(
+    campaign, click = validation.click_record(
         settings, "c1", {"pub": "net1", "sub1": "a"}, "203.0.113.1", "UA", now_ms=NOW
     )
     assert campaign.id == "c1" and click["pub"] == "net1" and click["sub2"] == ""
@@ -139,7 +144,7 @@ def test_click_record(settings):
 )
 def test_click_rejections(settings, campaign, params, status, code):
     with pytest.raises(Rejected) as e:
-        requests.click_record(settings, campaign, params, "1.2.3.4", "")
+        validation.click_record(settings, campaign, params, "1.2.3.4", "")
     assert (e.value.status, e.value.code) == (status, code)
 
 
@@ -160,7 +165,7 @@ def test_redacted_raw_is_what_the_json_encoder_writes(params):
         {"method": "POST", "path": "/postback", "params": shown}, ensure_ascii=False
     )
     # what cannot be stored as UTF-8 (a lone surrogate) is replaced, the rest kept
-    assert requests.redacted_raw("POST", "/postback", params) == requests.clean(expected)
+    assert validation.redacted_raw("POST", "/postback", params) == validation.clean(expected)
 
 
 QUERIES = [
@@ -178,7 +183,7 @@ QUERIES = [
 @pytest.mark.parametrize("query", QUERIES)
 def test_query_params_as_yarl_decodes_them(query):
     expected = dict(URL.build(path="/postback", query_string=query, encoded=True).query)
-    params = requests.query_params(query)
+    params = validation.query_params(query)
     assert params == expected if "%" not in query else params is None
     if params is not None:
         assert list(params) == list(expected)  # the raw request keeps the order
@@ -190,7 +195,7 @@ def test_query_params_random_strings():
     for _ in range(3000):
         query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
         query = query.replace("#", "")  # a fragment never reaches the query string
-        params = requests.query_params(query)
+        params = validation.query_params(query)
         if params is None:
             assert "%" in query
             continue

@@ -1,16 +1,23 @@
-"""One produce request for the ready batches of several partitions, as
-aiokafka's sender sends it (`SendProduceReqHandler`), without its accumulator.
+"""aiokafka, adapted: the one module that reaches into aiokafka's internals.
 
-`Produce.send(node_id, batches)` sends the batches (one per partition, each
-the partition's oldest) to their leader in one ProduceRequest on the
-producer's client, with the producer's acks and request timeout, and settles
-every batch from the broker's answer for its partition: delivered, failed with
-the error aiokafka's producer would raise, or handed back for a retry when the
-error is retriable and the batch younger than the request timeout (the
-producer's batch lifetime). What it hands back, it hands back after the
-producer's retry backoff, and after a metadata refresh when the error said the
-metadata was stale. Waiters of a batch are the futures its requests await;
-one cancelled (its HTTP request went away) is left alone.
+What the pipeline relies on (tests/test_adapters.py pins each against the
+installed aiokafka, so an upgrade that changes one fails a test):
+
+- `Produce.send(node_id, batches)` sends the ready batches of several partitions
+  (one per partition, each the partition's oldest) to their leader in ONE
+  ProduceRequest on the producer's client, as aiokafka's sender
+  (`SendProduceReqHandler`) would, without its accumulator, with the producer's
+  acks and request timeout. It settles every batch from the broker's answer for
+  its partition: delivered, failed with the error aiokafka's producer would
+  raise, or handed back for a retry when the error is retriable and the batch
+  younger than the request timeout (the producer's batch lifetime). What it hands
+  back, it hands back after the producer's retry backoff, and after a metadata
+  refresh when the error said the metadata was stale. Waiters of a batch are the
+  futures its requests await; one cancelled (its HTTP request went away) is left
+  alone.
+- A consumer's fetch wait and minimum bytes, set between fetches (the Fetcher
+  reads them for every request it builds).
+- Whether a producer is idempotent or closed.
 """
 
 from __future__ import annotations
@@ -133,3 +140,24 @@ class Produce:
             retry[tp] = batch
         else:
             batch.fail(error)
+
+
+def is_idempotent(producer: AIOKafkaProducer) -> bool:
+    """Idempotence and transactions need sequence numbers aiokafka's sender keeps."""
+    return producer._txn_manager is not None
+
+
+def is_closed(producer: AIOKafkaProducer) -> bool:
+    return producer._closed
+
+
+def set_fetch_min_bytes(consumer, value: int) -> None:
+    """The minimum bytes of `consumer`'s next fetches (an AIOKafkaConsumer)."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None:
+        fetcher._fetch_min_bytes = value
+
+
+def set_fetch_max_wait_ms(consumer, value: int) -> None:
+    """How long the broker may hold `consumer`'s fetches (before it starts)."""
+    consumer._fetch_max_wait_ms = value

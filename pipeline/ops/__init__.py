@@ -1,0 +1,1 @@
+"""Operator tools: traffic simulation, config and stack checks, traces, test callbacks."""
