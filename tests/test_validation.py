@@ -2,11 +2,9 @@
 
 import ipaddress
 import json
-import random
 from decimal import Decimal
 
 import pytest
-from yarl import URL
 
 from pipeline import config
 from pipeline.core import clickid, validation
@@ -180,24 +178,3 @@ QUERIES = [
 ]
 
 
-@pytest.mark.parametrize("query", QUERIES)
-def test_query_params_as_yarl_decodes_them(query):
-    expected = dict(URL.build(path="/postback", query_string=query, encoded=True).query)
-    params = validation.query_params(query)
-    assert params == expected if "%" not in query else params is None
-    if params is not None:
-        assert list(params) == list(expected)  # the raw request keeps the order
-
-
-def test_query_params_random_strings():
-    rng = random.Random(7)
-    alphabet = "ab=&+ %é;?#/"
-    for _ in range(3000):
-        query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
-        query = query.replace("#", "")  # a fragment never reaches the query string
-        params = validation.query_params(query)
-        if params is None:
-            assert "%" in query
-            continue
-        expected = dict(URL.build(path="/p", query_string=query, encoded=True).query)
-        assert list(params.items()) == list(expected.items()), query

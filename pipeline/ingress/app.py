@@ -67,9 +67,8 @@ async def publish(app: web.Application, topic: str, key: bytes, value: bytes) ->
 
 
 def _query(request: web.Request) -> dict[str, str]:
-    """`dict(request.query)`, at a third of the cost when nothing is %-escaped."""
-    params = validation.query_params(request.rel_url.raw_query_string)
-    return dict(request.query) if params is None else params
+    """The query's parameters: the first value of a repeated name."""
+    return dict(request.query)
 
 
 def _client_ip(request: web.Request) -> str:
