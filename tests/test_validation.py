@@ -164,17 +164,3 @@ def test_redacted_raw_is_what_the_json_encoder_writes(params):
     )
     # what cannot be stored as UTF-8 (a lone surrogate) is replaced, the rest kept
     assert validation.redacted_raw("POST", "/postback", params) == validation.clean(expected)
-
-
-QUERIES = [
-    "",
-    "token=adv-secret&event=install&click_id=AZq7xJkAsC3vYcT0ZPbyJkzzgpOq2yr7C0tB",
-    "a=1&a=2&b=&c&&=x&d==e&a=3",  # repeated (the first wins), blank, no '=', empty name
-    "sub1=a+b&c+d=+&plus=%2B",  # '+' is a space, %2B a plus
-    "name=%E9t%C3%A9&bad=%ff%fe&half=%e&pct=100%",  # escapes, invalid UTF-8, stray '%'
-    "é=ü&sp ace=x;y&q=?/:@",  # raw non-ASCII and punctuation
-    "&&&",
-    "=",
-]
-
-
