@@ -82,7 +82,7 @@ class IngressMetrics:
         # the series every request touches, bound once (and shown from the start)
         self.accepted = self.requests.labels("postback", "accepted")
         self.redirected = self.requests.labels("click", "redirect")
-        self.publish_latency = {t: Latency() for t in ("clicks", "postbacks")}
+        self.publish_latency = {t: Latency() for t in ("clicks", "postbacks", "skan-reports")}
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
