@@ -238,12 +238,22 @@ def postback_record(report: dict, config: SkanConfig, keys: Keys | None = None) 
 
 
 def duplicate(record: dict, owner: str) -> dict:
-    """A verified record whose `dedup_key` was verified before, as skan_id `owner`."""
+    """A verified record whose `dedup_key` was verified before, as skan_id `owner`:
+    decoded to nothing, like every record that is not verified (counted once)."""
     index = record["postback_sequence_index"]
     detail = f"transaction-id {record['transaction_id']!r}"
     if index is not None:
         detail += f" postback-sequence-index {index}"
-    return {**record, "outcome": "duplicate", "detail": f"{detail} was verified before ({owner})"}
+    decoded = {k: v for k, v in _record({}, "").items() if k in _DECODED}
+    return {
+        **record,
+        **decoded,
+        "outcome": "duplicate",
+        "detail": f"{detail} was verified before ({owner})",
+    }
+
+
+_DECODED = ("event", "revenue", "revenue_reporting", "currency", "campaign_id", "pub")
 
 
 def dedup_key(result: dict) -> bytes:
