@@ -349,3 +349,35 @@ async def test_apples_postbacks_end_to_end(tansu, clickhouse_url, tmp_path):
         )
     )
     assert by_window == BY_WINDOW
+
+
+async def test_the_dedup_state_survives_a_killed_worker(tansu, clickhouse_url, tmp_path):
+    """Killed without warning after a verified postback: the restarted worker restores
+    the table from its changelog, replays what was not committed without a change,
+    and still knows the copy that comes next is a duplicate."""
+    # no callbacks service runs here: the forward URL is never dialled
+    path, settings = scenario_config(tmp_path, tansu, clickhouse_url, "http://127.0.0.1:9/acme")
+    db = settings.clickhouse_database
+    ch = ddl.connect(clickhouse_url)
+    log = tmp_path / "worker.log"
+    worker = start_component("worker", path, log)
+    sql = f"SELECT skan_id, outcome FROM {db}.skan_postbacks FINAL ORDER BY received_at"
+    try:
+        async with ingress(settings) as http, sink(settings):
+
+            async def post(data: bytes) -> str:
+                async with http.post(PATH, data=data) as r:
+                    assert r.status == 200
+                    return (await r.json())["skan_id"]
+
+            first = await post(body(APPLE_V3_WIN))
+            await rows_eventually(ch, sql, 1, 180)
+            worker.kill()
+            worker.wait()
+            worker = start_component("worker", path, log)
+            second = await post(body(APPLE_V3_WIN))
+            rows = await rows_eventually(ch, sql, 2, 180)
+    finally:
+        assert stop_component(worker) == 0, log.read_text()[-3000:]
+        ch.close()
+    assert rows == [(first, "verified"), (second, "duplicate")]

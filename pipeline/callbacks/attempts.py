@@ -85,9 +85,9 @@ class Attempts:
             worker.add_done_callback(self._worker_done)
 
     def unknown_publisher(self, job: Job) -> None:
-        kind, name = request.lane_of(job.task)
-        error = f"{'publisher' if kind == 'pub' else 'advertiser'} {name!r} is not in the "
-        error += "configuration" if kind == "pub" else "configuration with a skan_forward_url"
+        error = f"{request.destination(job.task)} is not in the configuration"
+        if job.task.get("advertiser"):
+            error += " with a skan_forward_url"
         self._conclude(job, policy.Attempt(policy.PERMANENT, None, error, now_ms(), 0, ""))
 
     def park(self, job: Job) -> None:

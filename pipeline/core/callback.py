@@ -115,6 +115,12 @@ def lane_of(task: Mapping) -> tuple[str, str]:
     return ("advertiser", advertiser) if advertiser else ("pub", task["pub"])
 
 
+def destination(task: Mapping) -> str:
+    """Whom a task calls, for logs and errors: "publisher net1", "advertiser acme"."""
+    kind, name = lane_of(task)
+    return f"{'publisher' if kind == 'pub' else 'advertiser'} {name}"
+
+
 @lru_cache(maxsize=4096)  # payouts and revenues repeat: a few distinct amounts
 def money(value: Decimal) -> str:
     """Plain notation, at least two decimals, no trailing zeros beyond: 2 -> "2.00",
