@@ -21,6 +21,12 @@ class CallbackMetrics:
             ["pub", "outcome"],
             registry=self.registry,
         )
+        self.forwards = Counter(
+            "pipeline_callbacks_skan_forwards",
+            "SKAdNetwork forward attempts by advertiser and outcome (as attempts)",
+            ["advertiser", "outcome"],
+            registry=self.registry,
+        )
         self.deferred = Counter(
             "pipeline_callbacks_deferred",
             "Callbacks parked in Kafka because their publisher had too many in flight",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
+
+from pipeline.core.skan_config import SkanConfig
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Advertiser:
     id: str
     token: str
     allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    skan_forward_url: str = ""  # where its apps' verified SKAdNetwork postbacks go; "": none
+    signing_secret: str = ""  # "whsec_<base64>": SKAdNetwork forwards are signed
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Settings:
     advertisers: dict[str, Advertiser]
     publishers: dict[str, Publisher]
     campaigns: dict[str, Campaign]
+    skan: SkanConfig = field(default_factory=SkanConfig)
     worker_store: str = "memory://"
     worker_web_listen: str = "127.0.0.1:6066"
     worker_data_dir: str = ".data/worker"

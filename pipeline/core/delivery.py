@@ -9,7 +9,8 @@
 | address refused by the SSRF guard           | blocked   | `blocked`, dead-lettered     |
 
 Attempt numbers keep counting across dead-letter replays, so (pub,
-conversion_id, attempt) names one attempt for good and a replayed Kafka message
+conversion_id, attempt) names one attempt for good (a SKAdNetwork forward has
+pub "", its advertiser, and its skan_id as conversion_id) and a replayed Kafka message
 rewrites the same row instead of adding one.
 """
 
@@ -74,6 +75,7 @@ def step(task: Mapping, attempt: Attempt, schedule: Sequence[float], now_ms: int
     record = {
         "conversion_id": task["conversion_id"],
         "pub": task["pub"],
+        "advertiser": task.get("advertiser", ""),
         "attempt": task["attempt"],
         "ts_ms": attempt.started_ms,
         "url": attempt.url,

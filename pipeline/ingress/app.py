@@ -2,13 +2,16 @@
 
     GET  /click/{campaign_id}  ─► clicks     (key click_id) ─► 302 to the destination
     GET|POST /postback         ─► postbacks  (key click_id) ─► 200 accepted | 4xx | 503
+    POST /.well-known/skadnetwork/report-attribution/
+                               ─► skan-reports (key transaction-id) ─► 200 | 400 | 413 | 503
     GET  /healthz /readyz /metrics
 
 Answers only after Kafka acknowledged the event (acks=all). Every postback
 request, accepted or not, is published to the postbacks topic with its outcome
 (or, when Kafka refuses it, spooled locally and republished later), so the
-`postbacks` table explains every request. Validation is `core.validation`;
-records are batched into produce requests by `batcher.Batcher`.
+`postbacks` table explains every request; so is every SKAdNetwork postback to
+skan-reports, its body verbatim, for the worker to verify (`skan_postbacks`).
+Validation is `core.validation`; records are batched into produce requests by `batcher.Batcher`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import codec, kafka, runtime
 from pipeline.config import Settings
-from pipeline.core import macros, validation
+from pipeline.core import macros, skan, validation
 from pipeline.core.validation import Rejected
 from pipeline.ingress.batcher import Batcher
 from pipeline.ingress.metrics import IngressMetrics
@@ -34,13 +37,15 @@ from pipeline.ingress.spool import Spool
 
 log = logging.getLogger(__name__)
 
-TOPICS = ["clicks", "postbacks"]
+TOPICS = ["clicks", "postbacks", "skan-reports"]
+SKAN_PATH = "/.well-known/skadnetwork/report-attribution/"
 MAX_BODY = 64 * 1024
 SETTINGS = web.AppKey("settings", Settings)
 PRODUCER = web.AppKey("producer", object)
 BATCHER = web.AppKey("batcher", Batcher)
 METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
+SKAN_SPOOL = web.AppKey("skan_spool", Spool)
 DEV_STATUS = web.AppKey("dev_status", str)
 
 
@@ -173,6 +178,34 @@ async def postback(request: web.Request) -> web.Response:
     )
 
 
+async def skan_report(request: web.Request) -> web.Response:
+    """An SKAdNetwork postback from a device: 200 once durably in Kafka whatever the
+    worker will find (the device needs no verdict), 400 invalid_json, 413 too_large,
+    503 unavailable (then spooled and published later). Every one becomes a report."""
+    app, now = request.app, int(time.time() * 1000)
+    metrics = app[METRICS]
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        body = None
+    report, key = skan.report(validation.new_id(now), now, _client_ip(request), body, MAX_BODY)
+    try:
+        await publish(app, "skan-reports", key, codec.SKAN_REPORT.encode(report))
+    except Unavailable as e:
+        log.warning("SKAdNetwork postback %s not published (%s); spooled", report["skan_id"], e)
+        report["spooled"] = True
+        await asyncio.to_thread(app[SKAN_SPOOL].append, key, codec.SKAN_REPORT.encode(report))
+        metrics.spooled.inc()
+        metrics.requests.labels("skan", "unavailable").inc()
+        return error(Rejected(503, "unavailable", "the event store is unavailable; retry later"))
+    if report["outcome"]:
+        metrics.requests.labels("skan", report["outcome"]).inc()
+        status = 413 if report["outcome"] == "too_large" else 400
+        return error(Rejected(status, report["outcome"], report["detail"]))
+    metrics.requests.labels("skan", "received").inc()
+    return web.json_response({"status": "received", "skan_id": report["skan_id"]})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -214,18 +247,23 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 async def _spool_drainer(app: web.Application) -> None:
     """Every few seconds, republish spooled records once Kafka takes them again."""
-    spool = app[SPOOL]
+    spools = {"postbacks": app[SPOOL], "skan-reports": app[SKAN_SPOOL]}
 
-    async def send(key: bytes, value: bytes) -> None:
-        await publish(app, "postbacks", key, value)
+    def sender(topic: str):
+        async def send(key: bytes, value: bytes) -> None:
+            await publish(app, topic, key, value)
+
+        return send
 
     while True:
         await asyncio.sleep(2)
-        if spool.pending():
+        for topic, spool in spools.items():
+            if not spool.pending():
+                continue
             try:
                 # a broker that lost its topics must not auto-create them with other counts
                 await kafka.ensure_topics(app[SETTINGS], TOPICS, timeout=5)
-                await spool.drain(send)
+                await spool.drain(sender(topic))
             except (Unavailable, KafkaError, OSError, TimeoutError):
                 pass  # still down; the file is kept whole and tried again
 
@@ -257,10 +295,12 @@ def build_app(settings: Settings, dev_status: str = "") -> web.Application:
     app[METRICS] = IngressMetrics()
     port = settings.ingress_listen.rpartition(":")[2]
     app[SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.spool")
+    app[SKAN_SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.skan.spool")
     app.cleanup_ctx.append(_kafka_ctx)
     app.router.add_get("/click/{campaign_id}", click)
     app.router.add_route("GET", "/postback", postback)
     app.router.add_route("POST", "/postback", postback)
+    app.router.add_post(SKAN_PATH, skan_report)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -31,4 +31,6 @@ class IngressMetrics:
         # the series every request touches, bound once (and shown from the start)
         self.accepted = self.requests.labels("postback", "accepted")
         self.redirected = self.requests.labels("click", "redirect")
-        self.publish_latency = {t: latency.labels(t) for t in ("clicks", "postbacks")}
+        self.publish_latency = {
+            t: latency.labels(t) for t in ("clicks", "postbacks", "skan-reports")
+        }
