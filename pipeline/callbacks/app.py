@@ -1,7 +1,7 @@
 """The callbacks service's wiring: its topics, its group, and the process around it.
 
     conversions ─────────┐                        ┌─► callback-attempts ─► sink ─► callbacks
-                         ├─► group "callbacks" ─► │   (every attempt, one row each)
+    adjustments ─────────┼─► group "callbacks" ─► │   (every attempt, one row each)
     callbacks-retry-1..N ┘   lane per publisher   ├─► callbacks-retry-<n> (retry n, due later)
           ▲                  ─► HTTP              └─► callbacks-dead (failed or blocked)
           └──────── `pipeline callbacks-replay` ◄───────┘
@@ -33,6 +33,8 @@ class Topics(NamedTuple):
     """The service's topics (suffixes of `kafka.topic_prefix`)."""
 
     conversions: str = "conversions"
+    # applied reversals and refunds: a callback to publishers whose events list "reversal"
+    adjustments: str = "adjustments"
     attempts: str = "callback-attempts"
     dead: str = "callbacks-dead"
     retry_prefix: str = "callbacks-retry-"
@@ -47,7 +49,7 @@ class Topics(NamedTuple):
         return [self.retry(n) for n in range(1, self.retry_count + 1)]
 
     def all(self) -> list[str]:
-        return [self.conversions, self.attempts, self.dead, *self.retries()]
+        return [self.conversions, self.adjustments, self.attempts, self.dead, *self.retries()]
 
 
 def topics(settings: Settings) -> Topics:

@@ -65,6 +65,7 @@ HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
 RETRY_REST_MOST = 1.0  # seconds the retry topics rest between reads, at most
 # what is read: the amounts of a campaign repeat, so their Decimals come from a cache
 CONVERSION_READER = codec.Codec("conversion", cached_decimals=True)
+ADJUSTMENT_READER = codec.ADJUSTMENT
 TASK_READER = codec.Codec("callback_task", cached_decimals=True)
 
 
@@ -104,6 +105,8 @@ class CallbackService:
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
         self.conversions = settings.topic(topics.conversions)
+        self.adjustments = settings.topic(topics.adjustments)
+        self.inputs = frozenset((self.conversions, self.adjustments))  # the rest: retries
         self.trackers: dict[TopicPartition, Tracker] = {}
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
@@ -141,7 +144,9 @@ class CallbackService:
         prefix = s.topic(self.topics.retry_prefix)
         wanted = {s.topic(t) for t in self.topics.retries()}
         wanted |= {t for t in await self.consumer.topics() if t.startswith(prefix)}
-        self.consumer.subscribe([self.conversions, *sorted(wanted)], listener=_Rebalance(self))
+        self.consumer.subscribe(
+            [self.conversions, self.adjustments, *sorted(wanted)], listener=_Rebalance(self)
+        )
 
     async def stop(self) -> None:
         """Drop queued work, let running requests finish and their outcomes be
@@ -182,7 +187,7 @@ class CallbackService:
             room = self.window - self.in_flight - self.backlogged
             batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max(1, room))
             for tp, messages in batch.items():
-                if tp.topic != self.conversions:
+                if tp.topic not in self.inputs:
                     self.retries_brought = True
                 if tp in self.backlog:  # read while it was being paused: keep the order
                     self.backlog[tp].extend(messages)
@@ -243,7 +248,7 @@ class CallbackService:
                 full
                 or tp in self.delayed
                 or tp in self.backlog
-                or (resting and tp.topic != self.conversions)
+                or (resting and tp.topic not in self.inputs)
             )
             if hold and tp not in paused:
                 self.consumer.pause(tp)
@@ -263,7 +268,7 @@ class CallbackService:
             return False
         began = self.reading_retries
         for tp in assigned:
-            if tp.topic == self.conversions or tp in self.delayed or tp in self.backlog:
+            if tp.topic in self.inputs or tp in self.delayed or tp in self.backlog:
                 continue
             if (self.consumer.last_poll_timestamp(tp) or 0) < began:
                 return False  # not answered yet
@@ -348,6 +353,12 @@ class CallbackService:
                     tracker.skip(message.offset)
                     return None
                 return tasks.from_conversion(conversion)
+            if tp.topic == self.adjustments:
+                adjustment = ADJUSTMENT_READER.decode(message.value)
+                if not tasks.wants_reversal_callback(adjustment, self.settings.publishers):
+                    tracker.skip(message.offset)
+                    return None
+                return tasks.from_adjustment(adjustment)
             return TASK_READER.decode(message.value)
         except Exception:  # noqa: BLE001 - one bad record must not stop every callback
             log.exception("undecodable record %s@%d skipped", tp, message.offset)

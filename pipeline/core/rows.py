@@ -123,3 +123,26 @@ CALLBACKS = Table(
     ),
     {"ts_ms": "ts"},
 )
+ADJUSTMENTS = Table(
+    "adjustments",
+    (
+        "adjustment_id",
+        "conversion_id",
+        "postback_id",
+        "ts",
+        "kind",
+        "outcome",
+        "detail",
+        "campaign_id",
+        "advertiser",
+        "pub",
+        "event",
+        "currency",
+        "conversion_ts",
+        "revenue_delta",
+        "payout_delta",
+        "revenue_delta_reporting",
+        "payout_delta_reporting",
+    ),
+    {"ts_ms": "ts", "conversion_ts_ms": "conversion_ts"},
+)

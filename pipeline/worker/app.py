@@ -1,14 +1,24 @@
 """The worker's wiring, all in one place: topics, tables, handlers, timer, metrics.
 
     clicks ────────┐
-    postbacks ─────┼─► stage 1 handlers ─► table `state` (by click_id) ─► conversions
-    worker-ticks ──┘        │ attributed with a txn_id
+    postbacks ─────┼─► stage 1 handlers ─► table `state` (by click_id) ─► emit
+    worker-ticks ──┘        │ attributed with a txn_id; reversals by txn_id
                             ▼
-    txn-check (by advertiser + txn_id) ─► stage 2 handler ─► table `txns` ─► conversions
+    txn-check (by advertiser + txn_id) ─► stage 2 handler ─► table `txns` ─► emit
+                            │ reversals, resolved to their conversion_id
+                            ▼
+    ledger (by conversion_id) ─► stage 3 handler ─► table `ledger` ─► adjustments,
+                                                                      conversions (reversed)
 
-clicks, postbacks, worker-ticks and txn-check have the same partition count
-(checked at start-up), so Faust assigns partition p of each to the same worker
-and the tables' changelogs line up with them. Each topic has one batch handler
+`emit(row)` is where every final conversion leaves: to conversions, and to the
+ledger (a non-attributed one with a txn_id also to txn-check, as a marker), so
+stage 3 knows every conversion a reversal may name. Stage 1 sends reversals naming
+a conversion_id to the ledger, those naming a txn_id to txn-check. Only
+conversions and reversals take these hops; clicks never do.
+
+clicks, postbacks, worker-ticks, txn-check and ledger have the same partition
+count (checked at start-up), so Faust assigns partition p of each to the same
+worker and the tables' changelogs line up with them. Each topic has one batch handler
 (worker.consumer): Faust's consumer hands it the records of one partition per
 fetch, and it never awaits, so nothing interleaves between reading and writing
 state. Table writes and outputs are queued in `Outputs` and sent, one record batch
@@ -32,15 +42,17 @@ from prometheus_client import (
     generate_latest,
 )
 
-from pipeline import codec, kafka, logs, runtime
+from pipeline import codec, kafka, logs, partitioner, runtime
 from pipeline.adapters.faust import App, TableManager, committed_offset, handling
 from pipeline.config import Settings
-from pipeline.worker.join import Joiner, txn_key
+from pipeline.core import ledger
+from pipeline.worker.join import REVERSAL_MARK, Joiner, txn_key
+from pipeline.worker.ledger import Ledger
 from pipeline.worker.outputs import Changelogged, Outputs
 from pipeline.worker.state import loads
 
 RAW = dict(key_type=bytes, value_type=bytes)
-TABLES = ["state", "txns"]
+TABLES = ["state", "txns", "ledger"]
 # The tables' changelogs ("<app id>-<table>-changelog", the app id being topic("worker"))
 # are created with the other topics, before Faust starts. Faust would create them
 # itself, but on Apache Kafka a topic just created can stay missing from Metadata
@@ -50,7 +62,16 @@ TABLES = ["state", "txns"]
 # raises PartitionsMismatch and the workers crash-loop on the leader's partitions.
 # kafka.ensure_topics creates "-changelog" topics compacted, as Faust does.
 CHANGELOGS = [f"worker-{table}-changelog" for table in TABLES]
-TOPICS = ["clicks", "postbacks", "worker-ticks", "txn-check", "conversions", *CHANGELOGS]
+TOPICS = [
+    "clicks",
+    "postbacks",
+    "worker-ticks",
+    "txn-check",
+    "ledger",
+    "conversions",
+    "adjustments",
+    *CHANGELOGS,
+]
 # RocksDB tables (store = "rocksdb://"): Faust's defaults give each partition's
 # database 3 write buffers of 64 MiB and a 2 GiB block cache, so memory grows with
 # the state up to gigabytes. Each partition has its own database: these keep it to
@@ -107,13 +128,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     ticks = app.topic(settings.topic("worker-ticks"), **RAW)
     txn_check = app.topic(settings.topic("txn-check"), **RAW)
     conversions = app.topic(settings.topic("conversions"), **RAW)
+    ledger_in = app.topic(settings.topic("ledger"), **RAW)
     on_disk = not settings.worker_store.startswith("memory:")
     tables = dict(default=None, partitions=settings.kafka_partitions, **RAW)
     if on_disk:
         tables["options"] = dict(ROCKSDB_OPTIONS)  # Faust's store pops keys from it
     state = app.Table(TABLES[0], **tables)
     txns = app.Table(TABLES[1], **tables)
-    for table, changelog in zip((state, txns), CHANGELOGS, strict=True):
+    books = app.Table(TABLES[2], **tables)
+    for table, changelog in zip((state, txns, books), CHANGELOGS, strict=True):
         assert table.changelog_topic.get_topic_name() == settings.topic(changelog), changelog
 
     registry = CollectorRegistry()
@@ -123,6 +146,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         ["status"],
         registry=registry,
     )
+    adjusted = Counter(
+        "pipeline_worker_adjustments",
+        "Adjustments made (answers to reversals), by kind and outcome",
+        ["kind", "outcome"],
+        registry=registry,
+    )
     keys = Gauge(
         "pipeline_worker_state_keys",
         "Live keys in the worker's tables",
@@ -130,18 +159,42 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         registry=registry,
     )
     outputs = app.outputs = Outputs(app, settings.kafka_partitions)
-    views = Changelogged(state, outputs), Changelogged(txns, outputs)
-    keys.labels("state").set_function(lambda: len(views[0]))
-    keys.labels("txns").set_function(lambda: len(views[1]))
+    views = tuple(Changelogged(table, outputs) for table in (state, txns, books))
+    for table, view in zip(TABLES, views, strict=True):
+        keys.labels(table).set_function(view.__len__)
     conversions_topic, txn_check_topic = conversions.get_topic_name(), txn_check.get_topic_name()
-    encode = codec.CONVERSION.encode
+    ledger_topic, adjustments_topic = ledger_in.get_topic_name(), settings.topic("adjustments")
+    encode, encode_entry = codec.CONVERSION.encode, codec.LEDGER.encode
 
     def emit(row: dict) -> None:
+        """The one exit of every final conversion."""
         emitted.labels(row["status"]).inc()
         outputs.add(conversions_topic, row["click_id"].encode(), encode(row))
+        entry = ledger.conversion_entry(settings, row)
+        outputs.add(ledger_topic, row["conversion_id"].encode(), encode_entry(entry))
+        if row["txn_id"] and row["status"] != "attributed":
+            # a reversal by this txn_id finds it: not_attributed, not unknown_conversion
+            outputs.add(txn_check_topic, txn_key(row), encode(row))
 
     def check_txn(row: dict) -> None:
         outputs.add(txn_check_topic, txn_key(row), encode(row))
+
+    def to_ledger(reversal: dict) -> None:
+        outputs.add(ledger_topic, reversal["conversion_id"].encode(), encode_entry(reversal))
+
+    def check_reversal(reversal: dict) -> None:
+        key = txn_key(reversal)
+        partition = partitioner.partition(key, settings.kafka_partitions)
+        outputs.add(txn_check_topic, REVERSAL_MARK + key, encode_entry(reversal), partition)
+
+    def adjust(row: dict) -> None:
+        adjusted.labels(row["kind"], row["outcome"]).inc()
+        outputs.add(adjustments_topic, row["conversion_id"].encode(), codec.ADJUSTMENT.encode(row))
+
+    def replace(row: dict) -> None:
+        """A conversion's row again (reversed): not a new conversion, so not `emit`."""
+        emitted.labels(row["status"]).inc()
+        outputs.add(conversions_topic, row["click_id"].encode(), encode(row))
 
     indexes = None
     if on_disk:  # a heap item per key would be most of the memory a disk store saves
@@ -150,7 +203,23 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         data = Path(app.conf.datadir)
         indexes = tuple(DiskExpiryIndex(data / f"expiry-{table}") for table in TABLES)
     joiner = Joiner(
-        settings, *views, emit, check_txn, margin_s=settings.state_margin, indexes=indexes
+        settings,
+        *views[:2],
+        emit,
+        check_txn,
+        margin_s=settings.state_margin,
+        indexes=indexes and indexes[:2],
+        to_ledger=to_ledger,
+        check_reversal=check_reversal,
+        adjust=adjust,
+    )
+    book = app.ledger = Ledger(
+        settings,
+        views[2],
+        adjust,
+        replace,
+        margin_s=settings.state_margin,
+        index=indexes and indexes[2],
     )
     clicks_seen: dict[int, int] = {}
 
@@ -190,13 +259,30 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         with handling(messages[0]):
             joiner.on_tick(partition, now, clicks_caught_up(partition))
             joiner.on_txn_tick(partition, now)
+            book.on_tick(partition, now)
 
     @app.batch(txn_check)
     def dedup_txn(messages: list[faust.types.Message]) -> None:
         decode, partition = codec.CONVERSION.decode, messages[0].partition
+        now = int(time.time() * 1000)
         with handling(messages[0]):
             for message in messages:
-                joiner.on_txn(partition, decode(message.value))
+                if message.key[:1] == REVERSAL_MARK:
+                    joiner.on_txn_reversal(partition, codec.LEDGER.decode(message.value), now)
+                else:
+                    joiner.on_txn(partition, decode(message.value))
+
+    @app.batch(ledger_in)
+    def keep_ledger(messages: list[faust.types.Message]) -> None:
+        decode, partition = codec.LEDGER.decode, messages[0].partition
+        now = int(time.time() * 1000)
+        with handling(messages[0]):
+            for message in messages:
+                entry = decode(message.value)
+                if entry["kind"] == "reversal":
+                    book.on_reversal(partition, entry, now)
+                else:
+                    book.on_conversion(partition, entry)
 
     @app.timer(settings.tick_interval)
     async def send_ticks():
@@ -219,18 +305,21 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     @app.on_rebalance_complete.connect
     async def on_restored(app, **kwargs):
         name = ticks.get_topic_name()
-        joiner.prepare({tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name})
+        partitions = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name}
+        joiner.prepare(partitions)
+        book.prepare(partitions)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
         partitions = {tp.partition for tp in revoked if tp.topic == ticks.get_topic_name()}
         joiner.forget(partitions)
+        book.forget(partitions)
         for view in views:
             view.forget(partitions)
         for partition in {tp.partition for tp in revoked}:
             clicks_seen.pop(partition, None)
         # the memory store keeps revoked keys; drop them so memory follows the assignment
-        for table in (state, txns):
+        for table in (state, txns, books):
             for key in [k for k, v in table.data.items() if loads(v)["p"] in partitions]:
                 del table.data[key]
         # Kafka's eager rebalance revokes *every* partition, also those assigned again
@@ -239,7 +328,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         # rebalance): the keys dropped above would never come back, and repeats of clicks
         # converted before would count as new conversions. Forget that offset as well, so
         # a partition that comes back is restored from the start of its changelog.
-        for table in (state, txns):
+        for table in (state, txns, books):
             for partition in partitions:
                 app.tables.recovery.revoke(TP(table.changelog_topic.get_topic_name(), partition))
 
