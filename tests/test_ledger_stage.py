@@ -306,3 +306,27 @@ def test_recovered_tables_still_deduplicate(settings):
     assert loads(g.txns[txn_key({"advertiser": "acme", "txn_id": "later"})])["d"] == [
         waiting["postback_id"]
     ]
+
+
+def test_a_wait_is_not_given_up_while_the_stage_is_behind_nor_across_a_restart(settings):
+    """The wait counts from the reversal's arrival or its partition's assignment,
+    whichever is later, and ends only while the stage's input is caught up."""
+    f = Flow(settings)
+    f.now = 1_000_000
+    by_id = reversal(settings, f.now, conversion_id="a" * 32)
+    by_txn = reversal(settings, f.now, txn_id="t-slow")
+    f.postback(by_id)
+    f.postback(by_txn)
+    end = f.now + GRACE_MS
+    f.joiner.on_txn_tick(0, end + 1, caught_up=False)
+    f.ledger.on_tick(0, end + 1, caught_up=False)
+    assert f.adjustments == []  # the conversions may be in the backlog
+    # a restart: the tables come back, the partition is assigned again later
+    g = Flow(settings, tables=copy.deepcopy((f.state, f.txns, f.books)))
+    restart = end + 60_000
+    g.joiner.prepare({0}, restart)
+    g.ledger.prepare({0}, restart)
+    g.tick(restart + GRACE_MS - 1)
+    assert g.adjustments == []  # the downtime does not count
+    g.tick(restart + GRACE_MS)
+    assert sorted(a["outcome"] for a in g.adjustments) == ["unknown_conversion"] * 2

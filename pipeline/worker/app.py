@@ -221,19 +221,22 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         margin_s=settings.state_margin,
         index=indexes and indexes[2],
     )
-    clicks_seen: dict[int, int] = {}
+    # topic -> partition -> offset of the last record handled
+    seen: dict[str, dict[int, int]] = {
+        t.get_topic_name(): {} for t in (clicks, txn_check, ledger_in)
+    }
 
-    def clicks_caught_up(partition: int) -> bool:
-        """Has every click already in this partition been joined?"""
-        tp = TP(clicks.get_topic_name(), partition)
+    def caught_up(topic: faust.TopicT, partition: int) -> bool:
+        """Has every record already in this partition of `topic` been handled?"""
+        tp = TP(topic.get_topic_name(), partition)
         highwater = app.consumer.highwater(tp)
         if highwater is None:
             return False
-        seen = clicks_seen.get(partition)
-        if seen is not None:
-            return seen >= highwater - 1
+        last = seen[tp.topic].get(partition)
+        if last is not None:
+            return last >= highwater - 1
         # nothing read since the assignment: what lies before the committed offset was
-        # joined by the previous owner
+        # handled by the previous owner
         committed = committed_offset(app, tp)
         return highwater == 0 or (committed is not None and committed >= highwater)
 
@@ -243,7 +246,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         with handling(messages[0]):
             for message in messages:
                 joiner.on_click(partition, decode(message.value))
-        clicks_seen[partition] = messages[-1].offset
+        seen[messages[0].topic][partition] = messages[-1].offset
 
     @app.batch(postbacks)
     def join_postbacks(messages: list[faust.types.Message]) -> None:
@@ -257,9 +260,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         """Ticks carry no data: a batch of them is one expiry run of its partition."""
         partition, now = messages[0].partition, int(time.time() * 1000)
         with handling(messages[0]):
-            joiner.on_tick(partition, now, clicks_caught_up(partition))
-            joiner.on_txn_tick(partition, now)
-            book.on_tick(partition, now)
+            joiner.on_tick(partition, now, caught_up(clicks, partition))
+            joiner.on_txn_tick(partition, now, caught_up(txn_check, partition))
+            book.on_tick(partition, now, caught_up(ledger_in, partition))
 
     @app.batch(txn_check)
     def dedup_txn(messages: list[faust.types.Message]) -> None:
@@ -271,6 +274,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
                     joiner.on_txn_reversal(partition, codec.LEDGER.decode(message.value), now)
                 else:
                     joiner.on_txn(partition, decode(message.value))
+        seen[messages[0].topic][partition] = messages[-1].offset
 
     @app.batch(ledger_in)
     def keep_ledger(messages: list[faust.types.Message]) -> None:
@@ -283,6 +287,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
                     book.on_reversal(partition, entry, now)
                 else:
                     book.on_conversion(partition, entry)
+        seen[messages[0].topic][partition] = messages[-1].offset
 
     @app.timer(settings.tick_interval)
     async def send_ticks():
@@ -306,8 +311,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     async def on_restored(app, **kwargs):
         name = ticks.get_topic_name()
         partitions = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name}
-        joiner.prepare(partitions)
-        book.prepare(partitions)
+        now = int(time.time() * 1000)
+        joiner.prepare(partitions, now)
+        book.prepare(partitions, now)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
@@ -316,8 +322,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         book.forget(partitions)
         for view in views:
             view.forget(partitions)
-        for partition in {tp.partition for tp in revoked}:
-            clicks_seen.pop(partition, None)
+        for tp in revoked:
+            seen.get(tp.topic, {}).pop(tp.partition, None)
         # the memory store keeps revoked keys; drop them so memory follows the assignment
         for table in (state, txns, books):
             for key in [k for k, v in table.data.items() if loads(v)["p"] in partitions]:

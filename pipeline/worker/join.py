@@ -16,8 +16,8 @@ stage (`to_ledger`, worker/ledger.py) and one naming a txn_id to stage 2
 (`check_reversal`). Stage 2 forwards it to the ledger with the owner's
 conversion_id (or that of a conversion with the txn_id that was not attributed,
 which `emit` reports to stage 2 as a marker); with none yet it waits
-`unknown_click_grace` from its arrival, then is answered `unknown_conversion`
-(`adjust`), and a replay of it gets the same answer for as long as the entry lives.
+(worker/waiting.py), then is answered `unknown_conversion` (`adjust`), and a
+replay of it gets the same answer for as long as the entry lives.
 
 A txns entry: {"p": partition, "exp": ms, "o": owner conversion_id, "n": a
 non-attributed conversion_id, "q": [waiting reversals], "d": [reversal IDs
@@ -30,7 +30,6 @@ from collections.abc import Callable, MutableMapping
 
 from pipeline.config import Settings
 from pipeline.core import attribution, ledger
-from pipeline.worker.ledger import resumed
 from pipeline.worker.state import (
     ExpiryIndex,
     dumps,
@@ -40,6 +39,7 @@ from pipeline.worker.state import (
     postback_to_json,
     recount,
 )
+from pipeline.worker.waiting import Wait, enqueue, resumed, tick
 
 # the first wait before a pending postback is checked again while its clicks are behind
 RECHECK_MS = 1000
@@ -67,6 +67,7 @@ class Joiner:
         self.to_ledger, self.check_reversal, self.adjust = to_ledger, check_reversal, adjust
         self.retention_ms = int(attribution.state_retention_s(settings, margin_s) * 1000)
         self.grace_ms = int(settings.unknown_click_grace * 1000)
+        self.txn_wait = Wait(self.grace_ms)  # reversals waiting for a txn_id's conversion
         # (state, txns) expiry indexes: in memory by default, on disk with a disk store
         self.state_index, self.txn_index = indexes or (ExpiryIndex(), ExpiryIndex())
         # partition -> how long a pending postback waits before its next check while
@@ -212,78 +213,77 @@ class Joiner:
         rid = reversal["postback_id"]
         if entry is not None:
             if rid in entry.get("d", ()):
-                self.adjust(self._unknown_txn(reversal))  # answered before: the same answer
+                self._unknown_txn(None, reversal)  # answered before: the same answer
                 return
             target = entry.get("o") or entry.get("n")
             if target:
                 self.to_ledger({**reversal, "conversion_id": target})
                 return
-            if any(p["postback_id"] == rid for p in entry.get("q", ())):
-                return  # a replay of one still waiting
         else:
             entry = {"p": partition, "exp": now_ms + self.retention_ms}
-        entry.setdefault("q", []).append({**reversal, "since_ms": now_ms})
-        self._store_txn(key, entry)
+        if enqueue(entry, reversal, now_ms):
+            self._store_txn(key, entry)
 
-    def on_txn_tick(self, partition: int, now_ms: int) -> None:
-        recount(self.txns, self.txn_index.ensure(partition, self.txns, self._txn_deadline))
-        for key in list(self.txn_index.due(partition, now_ms)):
-            entry = loads(self.txns.get(key))
-            if entry is None:
-                continue
-            waiting = entry.get("q", [])
-            keep = [p for p in waiting if p["since_ms"] + self.grace_ms > now_ms]
-            for pending in waiting:
-                if pending["since_ms"] + self.grace_ms <= now_ms:
-                    self.adjust(self._unknown_txn(resumed(pending)))
-                    entry.setdefault("d", []).append(pending["postback_id"])
-            if entry["exp"] <= now_ms:
-                del self.txns[key]
-            elif len(keep) != len(waiting):
-                entry["q"] = keep
-                self._store_txn(key, entry)
-            else:  # a stale heap item: only the next deadline matters
-                self.txn_index.push(partition, self._txn_deadline(entry), key)
+    def on_txn_tick(self, partition: int, now_ms: int, caught_up: bool = True) -> None:
+        """Expire due txns entries; answer reversals that waited out their time while
+        txn-check is caught up (`caught_up`)."""
+        deadline = self.txn_wait.deadline
+        recount(self.txns, self.txn_index.ensure(partition, self.txns, deadline))
+        tick(
+            self.txns,
+            self.txn_index,
+            self.txn_wait,
+            partition,
+            now_ms,
+            caught_up,
+            self._unknown_txn,
+            self._store_txn,
+        )
 
     def _txn_entry(self, partition: int, ts_ms: int) -> dict:
         return {"p": partition, "exp": ts_ms + self.retention_ms}
-
-    def _txn_deadline(self, entry: dict) -> int:
-        return min([entry["exp"], *(p["since_ms"] + self.grace_ms for p in entry.get("q", ()))])
 
     def _store_txn(self, key: bytes, entry: dict) -> None:
         if not entry.get("q"):
             entry.pop("q", None)
         self.txns[key] = dumps(entry)
-        self.txn_index.push(entry["p"], self._txn_deadline(entry), key)
+        self.txn_index.push(entry["p"], self.txn_wait.deadline(entry), key)
 
     def _release(self, entry: dict, conversion_id: str) -> None:
         """Reversals that waited for this txn_id: to the ledger, as `conversion_id`'s."""
         for pending in entry.pop("q", ()):
             self.to_ledger({**resumed(pending), "conversion_id": conversion_id})
 
-    def _unknown_txn(self, reversal: dict) -> dict:
-        return ledger.unknown(
-            reversal,
-            f"no conversion with txn_id {reversal['txn_id']} of advertiser "
-            f"{reversal['advertiser']} within {self.settings.unknown_click_grace:g}s",
+    def _unknown_txn(self, entry: dict | None, reversal: dict) -> None:
+        """`unknown_conversion`; recorded in the entry so that a replay gets it again."""
+        if entry is not None:
+            entry.setdefault("d", []).append(reversal["postback_id"])
+        self.adjust(
+            ledger.unknown(
+                reversal,
+                f"no conversion with txn_id {reversal['txn_id']} of advertiser "
+                f"{reversal['advertiser']} within {self.settings.unknown_click_grace:g}s",
+            )
         )
 
-    def prepare(self, partitions) -> None:
-        """Partitions were assigned and their tables restored: index them now, before
-        their records are handled (a tick would otherwise scan a table that has grown)."""
+    def prepare(self, partitions, now_ms: int = 0) -> None:
+        """Partitions were assigned (at `now_ms`) and their tables restored: index them
+        now, before their records are handled (a tick would otherwise scan a table that
+        has grown)."""
         partitions = sorted(partitions)
+        self.txn_wait.ready(partitions, now_ms)
         if not partitions:
             return
         first, rest = partitions[0], partitions[1:]
         deadline = lambda e: next_deadline(e, self.grace_ms)  # noqa: E731
         recount(self.state, self.state_index.ensure(first, self.state, deadline, rest))
-        recount(self.txns, self.txn_index.ensure(first, self.txns, self._txn_deadline, rest))
+        recount(self.txns, self.txn_index.ensure(first, self.txns, self.txn_wait.deadline, rest))
 
     def forget(self, partitions) -> None:
         """Partitions were revoked: their indexes are rebuilt if they come back."""
         self.state_index.forget(partitions)
         self.txn_index.forget(partitions)
+        self.txn_wait.forget(partitions)
         for partition in partitions:
             self.recheck_ms.pop(partition, None)
 

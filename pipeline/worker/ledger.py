@@ -16,11 +16,12 @@ An entry (JSON, `state.dumps`):
 Idempotency: a reversal is answered once; its adjustment row is kept in "a" and
 a replay (same postback_id) sends that same row again and changes nothing. A
 reversal for a conversion not here yet waits `unknown_click_grace` from its
-arrival, then is `unknown_conversion` (kept in "a" as well). The conversion's
+arrival (or its partition's assignment), then is `unknown_conversion` (kept in
+"a" as well). The conversion's
 row with status `reversed` is sent again whenever the conversion or its
 reversal is replayed, so it stays the latest row of its conversion. Entries
 expire with the state's retention after the conversion (or the reversal), with
-an expiry index per partition like the other stages.
+an expiry index per partition like the other stages. Waiting: worker/waiting.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.config import Settings
 from pipeline.core import attribution, ledger
 from pipeline.core.ledger import book_of, store_book, thaw
 from pipeline.worker.state import ExpiryIndex, dumps, loads, recount
+from pipeline.worker.waiting import Wait, enqueue, resumed, tick
 
 
 class Ledger:
@@ -48,7 +50,7 @@ class Ledger:
         self.settings, self.table = settings, table
         self.adjust, self.replace = adjust, replace
         self.retention_ms = int(attribution.state_retention_s(settings, margin_s) * 1000)
-        self.grace_ms = int(settings.unknown_click_grace * 1000)
+        self.wait = Wait(int(settings.unknown_click_grace * 1000))
         self.index = index or ExpiryIndex()
 
     def on_conversion(self, partition: int, record: dict) -> None:
@@ -73,9 +75,8 @@ class Ledger:
         """A reversal naming this conversion: applied once, or waiting for it."""
         key = reversal["conversion_id"].encode()
         entry = loads(self.table.get(key))
-        rid = reversal["postback_id"]
         if entry is not None:
-            done = entry.get("a", {}).get(rid)
+            done = entry.get("a", {}).get(reversal["postback_id"])
             if done is not None:
                 self._repeat(entry, thaw(done))
                 return
@@ -83,39 +84,34 @@ class Ledger:
                 self._apply(entry, reversal)
                 self._store(key, entry)
                 return
-            if any(p["postback_id"] == rid for p in entry.get("q", ())):
-                return  # a replay of one still waiting
         else:
             entry = {"p": partition, "exp": now_ms + self.retention_ms}
-        entry.setdefault("q", []).append({**reversal, "since_ms": now_ms})
-        self._store(key, entry)
+        if enqueue(entry, reversal, now_ms):
+            self._store(key, entry)
 
-    def on_tick(self, partition: int, now_ms: int) -> None:
-        """Answer reversals that waited out the grace; expire due entries."""
-        recount(self.table, self.index.ensure(partition, self.table, self._deadline))
-        for key in list(self.index.due(partition, now_ms)):
-            entry = loads(self.table.get(key))
-            if entry is None:
-                continue
-            waiting = entry.get("q", [])
-            keep = [p for p in waiting if p["since_ms"] + self.grace_ms > now_ms]
-            for pending in waiting:
-                if pending["since_ms"] + self.grace_ms <= now_ms:
-                    reversal = resumed(pending)
-                    row = ledger.unknown(
-                        reversal,
-                        f"no conversion {reversal['conversion_id']} of advertiser "
-                        f"{reversal['advertiser']} within {self.settings.unknown_click_grace:g}s",
-                    )
-                    entry.setdefault("a", {})[reversal["postback_id"]] = row
-                    self.adjust(row)
-            if entry["exp"] <= now_ms:
-                del self.table[key]
-            elif len(keep) != len(waiting):
-                entry["q"] = keep
-                self._store(key, entry)
-            else:  # a stale heap item: only the next deadline matters
-                self.index.push(partition, self._deadline(entry), key)
+    def on_tick(self, partition: int, now_ms: int, caught_up: bool = True) -> None:
+        """Answer reversals that waited out their time; expire due entries. `caught_up`:
+        whether the ledger partition has no backlog (see worker/waiting.py)."""
+        recount(self.table, self.index.ensure(partition, self.table, self.wait.deadline))
+        tick(
+            self.table,
+            self.index,
+            self.wait,
+            partition,
+            now_ms,
+            caught_up,
+            self._unknown,
+            self._store,
+        )
+
+    def _unknown(self, entry: dict, reversal: dict) -> None:
+        row = ledger.unknown(
+            reversal,
+            f"no conversion {reversal['conversion_id']} of advertiser "
+            f"{reversal['advertiser']} within {self.settings.unknown_click_grace:g}s",
+        )
+        entry.setdefault("a", {})[reversal["postback_id"]] = row
+        self.adjust(row)
 
     def _apply(self, entry: dict, reversal: dict) -> None:
         conversion = thaw(entry["c"])
@@ -132,27 +128,21 @@ class Ledger:
         if entry.get("x") == row["adjustment_id"]:
             self.replace(ledger.reversed_row(thaw(entry["c"]), row["adjustment_id"]))
 
-    def _deadline(self, entry: dict) -> int:
-        return min([entry["exp"], *(p["since_ms"] + self.grace_ms for p in entry.get("q", ()))])
-
     def _store(self, key: bytes, entry: dict) -> None:
         if not entry.get("q"):
             entry.pop("q", None)
         self.table[key] = dumps(entry)
-        self.index.push(entry["p"], self._deadline(entry), key)
+        self.index.push(entry["p"], self.wait.deadline(entry), key)
 
-    def prepare(self, partitions) -> None:
-        """Partitions were assigned and the table restored: index them now."""
+    def prepare(self, partitions, now_ms: int = 0) -> None:
+        """Partitions were assigned (at `now_ms`) and the table restored: index them now."""
         partitions = sorted(partitions)
+        self.wait.ready(partitions, now_ms)
         if partitions:
-            built = self.index.ensure(partitions[0], self.table, self._deadline, partitions[1:])
+            built = self.index.ensure(partitions[0], self.table, self.wait.deadline, partitions[1:])
             recount(self.table, built)
 
     def forget(self, partitions) -> None:
         """Partitions were revoked: their index is rebuilt if they come back."""
         self.index.forget(partitions)
-
-
-def resumed(pending: dict) -> dict:
-    """A waiting reversal as it was sent: without its arrival time, amounts as Decimals."""
-    return thaw({k: v for k, v in pending.items() if k != "since_ms"})
+        self.wait.forget(partitions)
