@@ -137,6 +137,8 @@ async def test_each_kind_of_publisher_gets_exactly_the_documented_attempts(tansu
         "ctit": "60",
         "click_ts": str(c["click_ts_ms"] // 1000),
         "conversion_ts": str(c["conversion_ts_ms"] // 1000),
+        "status": "",  # attributed: empty, as its reason
+        "reason": "",
     }
     bought = ok_requests["purchase"].query
     assert (bought["txn_id"], bought["ctit"], bought["payout"]) == ("order 7", "", "1.998")

@@ -440,3 +440,63 @@ def test_retry_topics_rest_between_reads(monkeypatch):
     assert step(1.0) == {retry2}
     consumer.polled[retry1] = int(clock.now * 1000)
     assert step() == {retry1, retry2}
+
+
+# --- reversal callbacks ------------------------------------------------------------------
+
+
+def adjustment(name="reversal-applied-after-refund", **overrides):
+    path = codec.SCHEMA_DIR / f"examples/adjustment/{name}.json"
+    a = codec.ADJUSTMENT.from_json(json.loads(path.read_text()))
+    a.update(overrides)
+    return a
+
+
+def test_which_adjustments_get_a_callback():
+    listening = {"net1": Publisher("net1", "https://net1.example/cb", frozenset({"reversal"}))}
+    deaf = {"net1": publisher()}
+    assert tasks.wants_reversal_callback(adjustment(), listening)
+    assert tasks.wants_reversal_callback(adjustment("refund-applied"), listening)
+    assert not tasks.wants_reversal_callback(adjustment(), deaf)  # events lack "reversal"
+    assert not tasks.wants_reversal_callback(adjustment(pub="nobody"), listening)
+    for name in ("already-reversed", "exceeds-revenue", "not-attributed", "unknown-conversion"):
+        assert not tasks.wants_reversal_callback(adjustment(name), listening), name
+
+
+def test_reversal_callback_sends_the_negative_deltas_and_its_own_key():
+    a = adjustment()
+    task = tasks.from_adjustment(a)
+    assert codec.CALLBACK_TASK.decode(codec.CALLBACK_TASK.encode(task)) == task
+    pub = publisher("https://net1.example/hook", method="POST", signing_secret=SECRET)
+    req = request.build(pub, task, now_s=int(datetime.now(UTC).timestamp()))
+    body = json.loads(req.body)
+    assert set(body) == CALLBACK_MACROS
+    assert (body["status"], body["reason"]) == ("reversed", "reversal")
+    assert (body["revenue"], body["payout"]) == ("-14.99", "-2.998")
+    assert body["conversion_id"] == a["conversion_id"] and body["event"] == "purchase"
+    assert body["click_id"] == a["click_id"] and body["sub1"] == "s1-abc"
+    assert body["txn_id"] == "order-8812" and body["ctit"] is None
+    key = a["adjustment_id"]
+    assert req.headers["Idempotency-Key"] == req.headers["webhook-id"] == key != a["conversion_id"]
+    Webhook(SECRET).verify(req.body, req.headers)
+    refund = tasks.from_adjustment(adjustment("refund-applied"))
+    query = parse_qs(urlsplit(request.build(publisher(), refund, 0).url).query)
+    assert (query["status"], query["reason"], query["payout"]) == (
+        ["reversed"],
+        ["refund"],
+        ["-1.00"],
+    )
+    # its attempts are its own rows: (pub, adjustment_id, attempt), and its Kafka key
+    step = policy.step(task, attempt("delivered", 200, ""), SCHEDULE, 0)
+    assert step.record["conversion_id"] == key == tasks.callback_id(task)
+    assert codec.CALLBACK.decode(codec.CALLBACK.encode(step.record)) == step.record
+
+
+def test_status_and_reason_are_empty_for_an_attributed_conversion():
+    task = tasks.from_conversion(conversion())
+    assert (task["status"], task["reason"], task["adjustment_id"]) == ("", "", None)
+    assert tasks.callback_id(task) == task["conversion_id"]
+    query = parse_qs(
+        urlsplit(request.build(publisher(), task, 0).url).query, keep_blank_values=True
+    )
+    assert query["status"] == [""] and query["reason"] == [""]

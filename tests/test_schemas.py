@@ -18,6 +18,8 @@ CODECS = {
     "callback_task": codec.CALLBACK_TASK,
     "skan_report": codec.SKAN_REPORT,
     "skan_postback": codec.SKAN_POSTBACK,
+    "ledger": codec.LEDGER,
+    "adjustment": codec.ADJUSTMENT,
 }
 
 

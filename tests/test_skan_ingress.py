@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline import codec, kafka, partitioner
+from pipeline import codec, kafka
 from pipeline.dev.kafka import EmbeddedKafka, free_port
 
 from .conftest import make_settings, wait_until
@@ -82,7 +82,7 @@ async def test_answers_and_reports(tansu):
     by_body = {report["body"]: (partition, key, report) for partition, key, report in published}
     partition, key, report = by_body[sent["apple"].decode()]
     assert key == APPLE_V3_WIN["transaction-id"].encode()
-    assert partition == partitioner.partition(key, settings.kafka_partitions)
+    assert partition == kafka.partition(key, settings.kafka_partitions)
     assert report["skan_id"] == answers["apple"][1]["skan_id"]
     assert (report["outcome"], report["spooled"], report["source_ip"]) == ("", False, "127.0.0.1")
     _, key, report = by_body[sent["no txn"].decode()]

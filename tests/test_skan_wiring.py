@@ -302,6 +302,7 @@ def test_publisher_callbacks_keep_their_lane_and_no_advertiser():
     settings = _forward_settings()
     conversion = {name: "" for name in callback.CONVERSION_FIELDS}
     conversion.update(pub="net1", revenue=Decimal(1), payout=Decimal(1), conversion_ts_ms=1)
+    conversion.update(status="attributed", detail="")
     conversion.update(click_ts_ms=None, ctit_seconds=None, txn_id=None)
     task = callback.from_conversion(conversion)
     assert callback.lane_of(task) == ("pub", "net1") and task["advertiser"] == ""

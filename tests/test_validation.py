@@ -164,3 +164,80 @@ def test_redacted_raw_is_what_the_json_encoder_writes(params):
     )
     # what cannot be stored as UTF-8 (a lone surrogate) is replaced, the rest kept
     assert validation.redacted_raw("POST", "/postback", params) == validation.clean(expected)
+
+
+# --- reversals -------------------------------------------------------------------------
+
+CONVERSION_ID = "019a5c3e8f6b7c2d9e0f1a2b3c4d5e70"
+
+
+def reversal(settings, **params):
+    params = {"token": "adv-secret", "status": "reversed", **params}
+    params = {k: v for k, v in params.items() if v is not None}
+    return validation.postback_record(settings, params, "198.51.100.1", "{}", now_ms=NOW)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"txn_id": "order-1"},
+        {"conversion_id": CONVERSION_ID},
+        {"conversion_id": CONVERSION_ID, "revenue": "5.5", "currency": "EUR"},
+        {"txn_id": "order-1", "event": "purchase"},
+    ],
+)
+def test_reversal_needs_no_click_id(settings, params):
+    record, rejection = reversal(settings, **params)
+    assert rejection is None, rejection
+    assert record["status"] == "reversed" and record["outcome"] == "accepted"
+    assert record["click_id"] == "" and record["click_ts_ms"] is None
+    assert record["conversion_id"] == params.get("conversion_id")
+    assert record["txn_id"] == params.get("txn_id")
+    if "revenue" in params:
+        assert record["revenue"] == Decimal("5.500000") and record["currency"] == "EUR"
+    assert validation.record_key(record) == (params.get("conversion_id") or "order-1").encode()
+
+
+def test_reversal_with_a_click_id_checks_it(settings):
+    click_id = clickid.issue(settings.secrets, now_ms=NOW - 1000)
+    record, rejection = reversal(settings, txn_id="order-1", click_id=click_id)
+    assert rejection is None and record["click_ts_ms"] == NOW - 1000
+    assert validation.record_key(record) == b"order-1"  # with the other reversals of order-1
+    _, rejection = reversal(settings, txn_id="order-1", click_id="forged")
+    assert rejection.code == "invalid_click_id"
+
+
+@pytest.mark.parametrize(
+    "params,status,code",
+    [
+        ({}, 400, "missing_param"),
+        ({"revenue": "5"}, 400, "missing_param"),
+        ({"conversion_id": "not-an-id"}, 400, "invalid_param"),
+        ({"conversion_id": CONVERSION_ID.upper()}, 400, "invalid_param"),
+        ({"txn_id": "x" * 129}, 400, "invalid_param"),
+        ({"txn_id": "o", "revenue": "0"}, 400, "invalid_param"),
+        ({"txn_id": "o", "revenue": "-1"}, 400, "invalid_param"),
+        ({"txn_id": "o", "revenue": "1.0000001"}, 400, "invalid_param"),
+        ({"txn_id": "o", "currency": "JPY"}, 400, "invalid_param"),
+        ({"txn_id": "o", "event": "Bad!"}, 400, "invalid_param"),
+        ({"txn_id": "o", "status": "approved"}, 400, "invalid_param"),
+        ({"txn_id": "o", "token": "wrong-token"}, 401, "bad_token"),
+        ({"txn_id": "o", "token": None}, 400, "missing_param"),
+    ],
+)
+def test_reversal_rejections(settings, params, status, code):
+    record, rejection = reversal(settings, **params)
+    assert (rejection.status, rejection.code) == (status, code), rejection
+    assert record["outcome"] == code and record["detail"] == rejection.detail
+
+
+def test_an_unknown_status_is_refused_on_any_postback(settings):
+    _, rejection = validation.postback_record(
+        settings, good(settings, status="approved"), "198.51.100.1", "{}", now_ms=NOW
+    )
+    assert (rejection.status, rejection.code) == (400, "invalid_param")
+    assert "reversed" in rejection.detail
+    record, rejection = validation.postback_record(
+        settings, good(settings, status=""), "198.51.100.1", "{}", now_ms=NOW
+    )
+    assert rejection is None and record["status"] == ""

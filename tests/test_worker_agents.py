@@ -65,6 +65,7 @@ HANDLERS = {
     "join_postbacks": "postbacks",
     "expire": "worker-ticks",
     "dedup_txn": "txn-check",
+    "keep_ledger": "ledger",
     "dedup_skan": "skan-reports",
 }
 
@@ -365,3 +366,55 @@ def test_fetches_wait_for_a_few_milliseconds_of_records_only_when_busy():
     # a flood is capped
     flood = Coalescer(span=0.008, window=0.1, most=64 * 1024)
     assert [flood.batch(1_000_000, t / 100) for t in range(12)][-1] == 64 * 1024
+
+
+def reversal_record(settings, **params):
+    from pipeline.core import validation
+
+    query = {"token": "adv-secret", "status": "reversed", **params}
+    record, rejection = validation.postback_record(settings, query, "198.51.100.4", "{}")
+    assert rejection is None
+    return record
+
+
+async def test_reversals_go_through_txn_check_and_the_ledger(worker):
+    """A purchase's final row goes to the ledger too; a reversal by txn_id goes to
+    txn-check (keyed 0x00 + its txn key, on that key's partition), is resolved there to
+    the conversion, and the ledger answers with an adjustment and the reversed row."""
+    from pipeline import kafka
+    from pipeline.worker.join import REVERSAL_MARK
+
+    w = worker
+    click = make_click(w.settings)
+    pb = make_postback(w.settings, click, "purchase", txn_id="order-9", revenue="10")
+    async with batch(w, "join_clicks") as clicks, batch(w, "join_postbacks") as postbacks:
+        await put_click(clicks, click)
+        await put_postback(postbacks, pb)
+        async with batch(w, "dedup_txn") as dedup:
+            for m in on_topic(w, "txn-check"):
+                await dedup.put(m.value, key=m.key, partition=m.partition)
+        [entry] = on_topic(w, "ledger")
+        assert entry.key == pb["postback_id"].encode()
+        assert codec.LEDGER.decode(entry.value)["status"] == "attributed"
+        reversal = reversal_record(w.settings, txn_id="order-9")
+        await postbacks.put(codec.POSTBACK.encode(reversal), key=b"order-9")
+    [check] = [m for m in on_topic(w, "txn-check") if m.key[:1] == REVERSAL_MARK]
+    assert check.key == REVERSAL_MARK + b"acme\x00order-9"
+    assert check.partition == kafka.partition(b"acme\x00order-9", w.settings.kafka_partitions)
+    async with batch(w, "dedup_txn") as dedup:
+        await dedup.put(check.value, key=check.key, partition=check.partition)
+    ledger_records = on_topic(w, "ledger")
+    assert len(ledger_records) == 2
+    assert codec.LEDGER.decode(ledger_records[1].value)["conversion_id"] == pb["postback_id"]
+    async with batch(w, "keep_ledger") as ledger:
+        for m in ledger_records:
+            await ledger.put(m.value, key=m.key, partition=m.partition)
+    [adjustment] = [codec.ADJUSTMENT.decode(m.value) for m in on_topic(w, "adjustments")]
+    assert (adjustment["outcome"], adjustment["adjustment_id"]) == (
+        "applied",
+        reversal["postback_id"],
+    )
+    assert str(adjustment["payout_delta"]) == "-2.000000"
+    assert [r["status"] for r in conversions(w)] == ["attributed", "reversed"]
+    changelog = w.app.tables["ledger"].changelog_topic.get_topic_name()
+    assert {m.key for m in w.sent if m.topic == changelog} == {pb["postback_id"].encode()}

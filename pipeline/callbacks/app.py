@@ -2,6 +2,7 @@
 
     conversions ─────────┐                        ┌─► callback-attempts ─► sink ─► callbacks
     skan-postbacks ──────┼─► group "callbacks" ─► │   (every attempt, one row each)
+    adjustments ─────────┤                        │
     callbacks-retry-1..N ┘   lane per publisher   ├─► callbacks-retry-<n> (retry n, due later)
                              (and per advertiser  │
                              of SKAN forwards)    │
@@ -38,6 +39,8 @@ class Topics(NamedTuple):
 
     conversions: str = "conversions"
     skan_postbacks: str = "skan-postbacks"
+    # applied reversals and refunds: a callback to publishers whose events list "reversal"
+    adjustments: str = "adjustments"
     attempts: str = "callback-attempts"
     dead: str = "callbacks-dead"
     retry_prefix: str = "callbacks-retry-"
@@ -52,7 +55,14 @@ class Topics(NamedTuple):
         return [self.retry(n) for n in range(1, self.retry_count + 1)]
 
     def all(self) -> list[str]:
-        return [self.conversions, self.skan_postbacks, self.attempts, self.dead, *self.retries()]
+        return [
+            self.conversions,
+            self.skan_postbacks,
+            self.adjustments,
+            self.attempts,
+            self.dead,
+            *self.retries(),
+        ]
 
 
 def topics(settings: Settings) -> Topics:

@@ -172,6 +172,6 @@ class Attempts:
         partition through its retries, and no key is hashed per record.
         """
         partition = job.tp.partition % self.settings.kafka_partitions
-        key = job.task["conversion_id"].encode()
+        key = request.callback_id(job.task).encode()
         records = [(topic, partition, key, c.encode(value)) for topic, c, value in out]
         self.outbox.put(records, done)

@@ -65,6 +65,7 @@ HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
 RETRY_REST_MOST = 1.0  # seconds the retry topics rest between reads, at most
 # what is read: the amounts of a campaign repeat, so their Decimals come from a cache
 CONVERSION_READER = codec.Codec("conversion", cached_decimals=True)
+ADJUSTMENT_READER = codec.ADJUSTMENT
 TASK_READER = codec.Codec("callback_task", cached_decimals=True)
 
 
@@ -110,7 +111,9 @@ class CallbackService:
         self.metrics = CallbackMetrics()
         self.conversions = settings.topic(topics.conversions)
         self.skan_postbacks = settings.topic(topics.skan_postbacks)
-        self.inputs = {self.conversions, self.skan_postbacks}  # the rest: retry topics
+        self.adjustments = settings.topic(topics.adjustments)
+        # the rest: retry topics
+        self.inputs = frozenset((self.conversions, self.skan_postbacks, self.adjustments))
         self.trackers: dict[TopicPartition, Tracker] = {}
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
@@ -361,6 +364,12 @@ class CallbackService:
                     tracker.skip(message.offset)
                     return None
                 return tasks.from_skan(record, advertiser.id)
+            if tp.topic == self.adjustments:
+                adjustment = ADJUSTMENT_READER.decode(message.value)
+                if not tasks.wants_reversal_callback(adjustment, self.settings.publishers):
+                    tracker.skip(message.offset)
+                    return None
+                return tasks.from_adjustment(adjustment)
             return TASK_READER.decode(message.value)
         except Exception:  # noqa: BLE001 - one bad record must not stop every callback
             log.exception("undecodable record %s@%d skipped", tp, message.offset)

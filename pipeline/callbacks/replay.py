@@ -18,6 +18,7 @@ from aiokafka import TopicPartition
 
 from pipeline import codec, kafka
 from pipeline.config import Settings
+from pipeline.core import callback as request
 from pipeline.core import delivery as policy
 
 
@@ -49,7 +50,7 @@ async def replay_dead(settings: Settings, topics, group: str) -> int:
                         await producer.send(
                             s.topic(topics.retry(1)),
                             codec.CALLBACK_TASK.encode(task),
-                            key=task["conversion_id"].encode(),
+                            key=request.callback_id(task).encode(),
                         )
                     )
                 await asyncio.gather(*sent)

@@ -32,6 +32,9 @@ CALLBACK_MACROS = DESTINATION_MACROS | {
     "ctit",
     "click_ts",
     "conversion_ts",
+    # empty for an attributed conversion; a reversal's callback: "reversed" and its kind
+    "status",
+    "reason",
 }
 
 

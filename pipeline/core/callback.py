@@ -5,8 +5,8 @@ built from, not the built request: the request is rebuilt, and re-signed with a
 fresh `webhook-timestamp`, on every attempt from the publisher's current
 settings, as the Standard Webhooks specification asks (receivers reject old
 timestamps). The URL and body of a task never change; `Idempotency-Key` and
-`webhook-id` are the conversion ID on every attempt, so a publisher can drop
-repeats.
+`webhook-id` are the conversion ID on every attempt (the adjustment ID for a
+reversal's callback), so a publisher can drop repeats.
 
 A task with an `advertiser` is a SKAdNetwork forward instead: the verified
 postback's body (`body`, verbatim) POSTed to that advertiser's
@@ -49,6 +49,8 @@ CONVERSION_FIELDS = (
     "conversion_ts_ms",
     "ctit_seconds",
 )
+# a publisher whose `events` lists it gets a callback for each applied adjustment
+REVERSAL_EVENT = "reversal"
 
 
 def wants_callback(conversion: Mapping, publishers: Mapping[str, Publisher]) -> bool:
@@ -62,19 +64,15 @@ def wants_callback(conversion: Mapping, publishers: Mapping[str, Publisher]) -> 
 def from_conversion(conversion: Mapping) -> dict:
     """The task of a conversion's first attempt, due at once."""
     task = {name: conversion[name] for name in CONVERSION_FIELDS}
-    task.update(_FIRST_ATTEMPT, advertiser="", body="")
-    return task
-
-
-_FIRST_ATTEMPT = dict(
-    attempt=1,
-    retry=0,
-    not_before_ms=0,
-    deferrals=0,
-    last_outcome="",
-    last_status_code=None,
-    last_error="",
-)
+    attributed = conversion["status"] == "attributed"
+    task.update(
+        status="" if attributed else conversion["status"],
+        reason="" if attributed else conversion["detail"],
+        adjustment_id=None,
+        advertiser="",
+        body="",
+    )
+    return _first(task)
 
 
 def forward_target(record: Mapping, settings: Settings) -> Advertiser | None:
@@ -105,8 +103,8 @@ def from_skan(record: Mapping, advertiser: str) -> dict:
         conversion_ts_ms=record["received_at_ms"],
         ctit_seconds=None,
     )
-    task.update(_FIRST_ATTEMPT, advertiser=advertiser, body=record["raw"])
-    return task
+    task.update(status="", reason="", adjustment_id=None, advertiser=advertiser, body=record["raw"])
+    return _first(task)
 
 
 def lane_of(task: Mapping) -> tuple[str, str]:
@@ -119,6 +117,52 @@ def destination(task: Mapping) -> str:
     """Whom a task calls, for logs and errors: "publisher net1", "advertiser acme"."""
     kind, name = lane_of(task)
     return f"{'publisher' if kind == 'pub' else 'advertiser'} {name}"
+
+
+def wants_reversal_callback(adjustment: Mapping, publishers: Mapping[str, Publisher]) -> bool:
+    """An applied adjustment (reversal or refund) gets a callback when its publisher's
+    `events` lists `reversal`."""
+    if adjustment["outcome"] != "applied":
+        return False
+    publisher = publishers.get(adjustment["pub"])
+    return publisher is not None and REVERSAL_EVENT in publisher.events
+
+
+def from_adjustment(adjustment: Mapping) -> dict:
+    """The task of a reversal's first callback: the conversion's fields, the negative
+    deltas as its revenue and payout, `{status}` reversed and `{reason}` the kind."""
+    task = {name: adjustment.get(name) for name in CONVERSION_FIELDS}
+    task.update(
+        revenue=adjustment["revenue_delta"],
+        payout=adjustment["payout_delta"],
+        ctit_seconds=None,
+        status="reversed",
+        reason=adjustment["kind"],
+        adjustment_id=adjustment["adjustment_id"],
+        advertiser="",
+        body="",
+    )
+    return _first(task)
+
+
+def _first(task: dict) -> dict:
+    task.update(
+        attempt=1,
+        retry=0,
+        not_before_ms=0,
+        deferrals=0,
+        last_outcome="",
+        last_status_code=None,
+        last_error="",
+    )
+    return task
+
+
+def callback_id(task: Mapping) -> str:
+    """What names a callback: the Idempotency-Key and webhook-id of every attempt, its
+    Kafka key and its rows' conversion_id. A conversion's ID, or the adjustment's for a
+    reversal's callback (the conversion may have had its own)."""
+    return task.get("adjustment_id") or task["conversion_id"]
 
 
 @lru_cache(maxsize=4096)  # payouts and revenues repeat: a few distinct amounts
@@ -157,6 +201,8 @@ def fields(task: Mapping) -> dict[str, str | int | None]:
         "ctit": task["ctit_seconds"],
         "click_ts": _seconds(task["click_ts_ms"]),
         "conversion_ts": _seconds(task["conversion_ts_ms"]),
+        "status": task.get("status", ""),
+        "reason": task.get("reason", ""),
     }
 
 
@@ -181,15 +227,14 @@ def build(publisher: Publisher, task: Mapping, now_s: int) -> Request:
     """
     values = fields(task)
     url = macros.fill(publisher.postback_url, values)
-    headers = {"Idempotency-Key": task["conversion_id"], "User-Agent": USER_AGENT}
+    key = callback_id(task)
+    headers = {"Idempotency-Key": key, "User-Agent": USER_AGENT}
     body = b""
     if publisher.method == "POST":
         body = json.dumps(values, separators=(",", ":"), sort_keys=True).encode()
         headers["Content-Type"] = "application/json"
     if publisher.signing_secret:
-        headers.update(
-            signature_headers(publisher.signing_secret, task["conversion_id"], now_s, body)
-        )
+        headers.update(signature_headers(publisher.signing_secret, key, now_s, body))
     return Request(publisher.method, url, headers, body)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+from pipeline.core.callback import callback_id
+
 DELIVERED, RETRYABLE, PERMANENT, BLOCKED = "delivered", "retryable", "permanent", "blocked"
 
 
@@ -73,7 +75,7 @@ def step(task: Mapping, attempt: Attempt, schedule: Sequence[float], now_ms: int
             error = f"{error}; gave up after {task['retry']} retries"
         dead = _following(task, attempt, outcome, error)
     record = {
-        "conversion_id": task["conversion_id"],
+        "conversion_id": callback_id(task),
         "pub": task["pub"],
         "advertiser": task.get("advertiser", ""),
         "attempt": task["attempt"],

@@ -157,3 +157,26 @@ SKAN_POSTBACKS = Table(
     ),
     {"received_at_ms": "received_at"},
 )
+ADJUSTMENTS = Table(
+    "adjustments",
+    (
+        "adjustment_id",
+        "conversion_id",
+        "postback_id",
+        "ts",
+        "kind",
+        "outcome",
+        "detail",
+        "campaign_id",
+        "advertiser",
+        "pub",
+        "event",
+        "currency",
+        "conversion_ts",
+        "revenue_delta",
+        "payout_delta",
+        "revenue_delta_reporting",
+        "payout_delta_reporting",
+    ),
+    {"ts_ms": "ts", "conversion_ts_ms": "conversion_ts"},
+)

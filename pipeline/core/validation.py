@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,18 @@ MAX_REVENUE = Decimal("999999999999")  # Decimal(18, 6) holds 12 integer digits
 REVENUE_EXP = Decimal("0.000001")
 REDACTED_PARAMS = frozenset({"token"})
 SUB_PARAMS = ("sub1", "sub2", "sub3", "sub4", "sub5")
-POSTBACK_PARAMS = ("token", "click_id", "event", "txn_id", "revenue", "currency")
+POSTBACK_PARAMS = (
+    "token",
+    "click_id",
+    "event",
+    "txn_id",
+    "revenue",
+    "currency",
+    "status",
+    "conversion_id",
+)
+REVERSED = "reversed"  # the one `status` a postback may carry: it takes a conversion back
+CONVERSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # what new_id issues
 
 
 @dataclass(frozen=True)
@@ -200,7 +212,9 @@ def postback_record(
 
     Checks run in order: token present, token known, source IP allowed, required
     parameters, click ID, then the optional parameters. The record's outcome is
-    `accepted` or the rejection code.
+    `accepted` or the rejection code. A reversal (`status=reversed`) needs
+    `conversion_id` or `txn_id` instead of click_id and event; its `revenue`, if
+    any, is a refund (more than 0).
     """
     now = int(time.time() * 1000) if now_ms is None else now_ms
     click_id, event = params.get("click_id"), params.get("event")
@@ -218,6 +232,8 @@ def postback_record(
         "outcome": "accepted",
         "detail": "",
         "raw": raw,
+        "status": "",
+        "conversion_id": None,
     }
     try:
         _check_postback(settings, params, source_ip, record, now)
@@ -242,15 +258,53 @@ def _check_postback(settings, params, source_ip, record, now) -> None:
     record["advertiser"] = advertiser.id
     if not _in(source_ip, advertiser.allowed_ips):
         raise Rejected(403, "ip_not_allowed", f"{source_ip} is not in the advertiser's allowed_ips")
+    status = params.get("status") or ""
+    if status:
+        if status != REVERSED:
+            raise Rejected(400, "invalid_param", f"status must be {REVERSED!r} (or absent)")
+        record["status"] = REVERSED
+        _check_reversal(settings, params, record, now)
+        return
     for name in ("click_id", "event"):
         if not params.get(name):
             raise Rejected(400, "missing_param", f"{name} is required")
+    _check_click_id(settings, params["click_id"], record, now)
+    _check_event(params["event"])
+    _check_amounts(settings, params, record)
+
+
+def _check_reversal(settings, params, record, now) -> None:
+    """A reversal names its conversion by conversion_id or txn_id; click_id and event
+    are optional (checked when sent); revenue, when sent, is a refund: positive."""
+    conversion_id = params.get("conversion_id") or None
+    if conversion_id is not None and not CONVERSION_ID_RE.match(conversion_id):
+        raise Rejected(400, "invalid_param", "conversion_id must be 32 hex characters")
+    if conversion_id is None and not params.get("txn_id"):
+        raise Rejected(400, "missing_param", "a reversal needs txn_id or conversion_id")
+    record["conversion_id"] = conversion_id
+    if params.get("click_id"):
+        _check_click_id(settings, params["click_id"], record, now)
+    if params.get("event"):
+        _check_event(params["event"])
+    _check_amounts(settings, params, record)
+    if record["revenue"] is not None and not record["revenue"]:
+        raise Rejected(400, "invalid_param", "a refund's revenue must be more than 0")
+
+
+def _check_click_id(settings, click_id, record, now) -> None:
     try:
-        record["click_ts_ms"] = clickid.verify(params["click_id"], settings.secrets, now_ms=now)
+        record["click_ts_ms"] = clickid.verify(click_id, settings.secrets, now_ms=now)
     except clickid.InvalidClickId as e:
         raise Rejected(400, "invalid_click_id", str(e)) from None
-    if not EVENT_RE.match(params["event"]):
+
+
+def _check_event(event) -> None:
+    if not EVENT_RE.match(event):
         raise Rejected(400, "invalid_param", "event must match [a-z0-9_]{1,64}")
+
+
+def _check_amounts(settings, params, record) -> None:
+    """The optional txn_id, revenue and currency."""
     txn_id = params.get("txn_id") or None
     if txn_id is not None and len(txn_id) > MAX_TXN_LEN:
         raise Rejected(400, "invalid_param", f"txn_id is longer than {MAX_TXN_LEN} characters")
@@ -268,6 +322,14 @@ def _check_postback(settings, params, source_ip, record, now) -> None:
                 f"currency {currency} is neither {settings.reporting_currency} nor in [fx]",
             )
     record["currency"] = currency
+
+
+def record_key(record: dict) -> bytes:
+    """The postbacks topic's key of a record: its click_id, or for a reversal the
+    conversion_id or txn_id it names (so a conversion's reversals keep their order)."""
+    if record["status"]:
+        return (record["conversion_id"] or record["txn_id"] or "").encode()
+    return record["click_id"].encode()
 
 
 def _revenue(text: str) -> Decimal:

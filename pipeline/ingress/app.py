@@ -1,7 +1,8 @@
 """The ingress's wiring and handlers: HTTP in, click and postback events to Kafka.
 
     GET  /click/{campaign_id}  ─► clicks     (key click_id) ─► 302 to the destination
-    GET|POST /postback         ─► postbacks  (key click_id) ─► 200 accepted | 4xx | 503
+    GET|POST /postback         ─► postbacks  (key click_id; a reversal's: its conversion_id
+                                              or txn_id) ─► 200 accepted | 4xx | 503
     POST /.well-known/skadnetwork/report-attribution/
                                ─► skan-reports (key transaction-id) ─► 200 | 400 | 413 | 503
     GET  /healthz /readyz /metrics
@@ -156,7 +157,7 @@ async def postback(request: web.Request) -> web.Response:
     record, rejection = validation.postback_record(settings, params, source_ip, raw)
     if early is not None:
         record["outcome"], record["detail"], rejection = early.code, early.detail, early
-    key, value = record["click_id"].encode(), codec.POSTBACK.encode(record)
+    key, value = validation.record_key(record), codec.POSTBACK.encode(record)
     try:
         await publish(app, "postbacks", key, value)
     except Unavailable as e:

@@ -3,8 +3,9 @@
     clicks ────────────┐
     postbacks ─────────┤                                  ┌─► clicks, postbacks,
     conversions ───────┼─► group "sink" ─► Sink (writer) ─┤   conversions, callbacks,
-    callback-attempts ─┤                                  └─► skan_postbacks
-    skan-postbacks ────┘                                      (ClickHouse, FORMAT Avro)
+    callback-attempts ─┤                                  └─► skan_postbacks,
+    skan-postbacks ────┤                                      adjustments
+    adjustments ───────┘                                      (ClickHouse, FORMAT Avro)
 
 The group is the sink's own: a partner outage or a slow worker never holds up
 the warehouse, nor the warehouse them.
@@ -30,6 +31,7 @@ ROUTES = {
     "conversions": (codec.CONVERSION, rows.CONVERSIONS),
     "callback-attempts": (codec.CALLBACK, rows.CALLBACKS),
     "skan-postbacks": (codec.SKAN_POSTBACK, rows.SKAN_POSTBACKS),
+    "adjustments": (codec.ADJUSTMENT, rows.ADJUSTMENTS),
 }
 
 

@@ -90,6 +90,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ],
     ),
     (
+        5,
+        "adjustments: reversals and refunds",
+        [
+            # one row per accepted reversal, its ID the reversal's postback_id: a replay
+            # writes the same row again, which merges away
+            """CREATE TABLE IF NOT EXISTS {db}.adjustments (
+                adjustment_id String, conversion_id String, postback_id String,
+                ts DateTime64(3, 'UTC'), kind LowCardinality(String),
+                outcome LowCardinality(String), detail String,
+                campaign_id LowCardinality(String), advertiser LowCardinality(String),
+                pub LowCardinality(String), event LowCardinality(String),
+                currency LowCardinality(String), conversion_ts DateTime64(3, 'UTC'),
+                revenue_delta Decimal(18, 6), payout_delta Decimal(18, 6),
+                revenue_delta_reporting Decimal(18, 6), payout_delta_reporting Decimal(18, 6)
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(ts) ORDER BY (ts, adjustment_id)""",
+        ],
+    ),
+    (
         6,
         "SKAdNetwork postbacks, and forwards in callbacks",
         [

@@ -1,16 +1,26 @@
 """The worker's wiring, all in one place: topics, tables, handlers, timer, metrics.
 
     clicks ────────┐
-    postbacks ─────┼─► stage 1 handlers ─► table `state` (by click_id) ─► conversions
-    worker-ticks ──┘        │ attributed with a txn_id
+    postbacks ─────┼─► stage 1 handlers ─► table `state` (by click_id) ─► emit
+    worker-ticks ──┘        │ attributed with a txn_id; reversals by txn_id
                             ▼
-    txn-check (by advertiser + txn_id) ─► stage 2 handler ─► table `txns` ─► conversions
+    txn-check (by advertiser + txn_id) ─► stage 2 handler ─► table `txns` ─► emit
+                            │ reversals, resolved to their conversion_id
+                            ▼
+    ledger (by conversion_id) ─► stage 3 handler ─► table `ledger` ─► adjustments,
+                                                                      conversions (reversed)
 
     skan-reports (by transaction-id) ─► SKAN handler ─► table `skan` ─► skan-postbacks
 
-clicks, postbacks, worker-ticks, txn-check and skan-reports have the same partition count
-(checked at start-up), so Faust assigns partition p of each to the same worker
-and the tables' changelogs line up with them. Each topic has one batch handler
+`emit(row)` is where every final conversion leaves: to conversions, and to the
+ledger (a non-attributed one with a txn_id also to txn-check, as a marker), so
+stage 3 knows every conversion a reversal may name. Stage 1 sends reversals naming
+a conversion_id to the ledger, those naming a txn_id to txn-check. Only
+conversions and reversals take these hops; clicks never do.
+
+clicks, postbacks, worker-ticks, txn-check, ledger and skan-reports have the same
+partition count (checked at start-up), so Faust assigns partition p of each to the same
+worker and the tables' changelogs line up with them. Each topic has one batch handler
 (worker.consumer): Faust's consumer hands it the records of one partition per
 fetch, and it never awaits, so nothing interleaves between reading and writing
 state. Table writes and outputs are queued in `Outputs` and sent, one record batch
@@ -37,13 +47,15 @@ from prometheus_client import (
 from pipeline import codec, kafka, logs, runtime
 from pipeline.adapters.faust import App, TableManager, committed_offset, handling
 from pipeline.config import Settings
-from pipeline.worker.join import Joiner, txn_key
+from pipeline.core import ledger
+from pipeline.worker.join import REVERSAL_MARK, Joiner, txn_key
+from pipeline.worker.ledger import Ledger
 from pipeline.worker.outputs import Changelogged, Outputs
 from pipeline.worker.skan import SkanStage
 from pipeline.worker.state import loads
 
 RAW = dict(key_type=bytes, value_type=bytes)
-TABLES = ["state", "txns", "skan"]
+TABLES = ["state", "txns", "ledger", "skan"]
 # The tables' changelogs ("<app id>-<table>-changelog", the app id being topic("worker"))
 # are created with the other topics, before Faust starts. Faust would create them
 # itself, but on Apache Kafka a topic just created can stay missing from Metadata
@@ -53,8 +65,18 @@ TABLES = ["state", "txns", "skan"]
 # raises PartitionsMismatch and the workers crash-loop on the leader's partitions.
 # kafka.ensure_topics creates "-changelog" topics compacted, as Faust does.
 CHANGELOGS = [f"worker-{table}-changelog" for table in TABLES]
-TOPICS = ["clicks", "postbacks", "worker-ticks", "txn-check", "conversions", *CHANGELOGS]
-TOPICS += ["skan-reports", "skan-postbacks"]
+TOPICS = [
+    "clicks",
+    "postbacks",
+    "worker-ticks",
+    "txn-check",
+    "ledger",
+    "conversions",
+    "adjustments",
+    "skan-reports",
+    "skan-postbacks",
+    *CHANGELOGS,
+]
 # RocksDB tables (store = "rocksdb://"): Faust's defaults give each partition's
 # database 3 write buffers of 64 MiB and a 2 GiB block cache, so memory grows with
 # the state up to gigabytes. Each partition has its own database: these keep it to
@@ -112,12 +134,13 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     txn_check = app.topic(settings.topic("txn-check"), **RAW)
     conversions = app.topic(settings.topic("conversions"), **RAW)
     skan_reports = app.topic(settings.topic("skan-reports"), **RAW)
+    ledger_in = app.topic(settings.topic("ledger"), **RAW)
     on_disk = not settings.worker_store.startswith("memory:")
     tables = dict(default=None, partitions=settings.kafka_partitions, **RAW)
     if on_disk:
         tables["options"] = dict(ROCKSDB_OPTIONS)  # Faust's store pops keys from it
-    state, txns, skan = (app.Table(name, **tables) for name in TABLES)
-    for table, changelog in zip((state, txns, skan), CHANGELOGS, strict=True):
+    state, txns, books, skan = (app.Table(name, **tables) for name in TABLES)
+    for table, changelog in zip((state, txns, books, skan), CHANGELOGS, strict=True):
         assert table.changelog_topic.get_topic_name() == settings.topic(changelog), changelog
 
     registry = CollectorRegistry()
@@ -125,6 +148,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         "pipeline_worker_conversions",
         "Conversions emitted, by status",
         ["status"],
+        registry=registry,
+    )
+    adjusted = Counter(
+        "pipeline_worker_adjustments",
+        "Adjustments made (answers to reversals), by kind and outcome",
+        ["kind", "outcome"],
         registry=registry,
     )
     keys = Gauge(
@@ -140,19 +169,43 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         registry=registry,
     )
     outputs = app.outputs = Outputs(app, settings.kafka_partitions)
-    views = tuple(Changelogged(table, outputs) for table in (state, txns, skan))
-    for name, view in zip(TABLES, views, strict=True):
-        keys.labels(name).set_function(view.__len__)
+    views = tuple(Changelogged(table, outputs) for table in (state, txns, books, skan))
+    for table, view in zip(TABLES, views, strict=True):
+        keys.labels(table).set_function(view.__len__)
     conversions_topic, txn_check_topic = conversions.get_topic_name(), txn_check.get_topic_name()
+    ledger_topic, adjustments_topic = ledger_in.get_topic_name(), settings.topic("adjustments")
+    encode, encode_entry = codec.CONVERSION.encode, codec.LEDGER.encode
     skan_postbacks_topic = settings.topic("skan-postbacks")
-    encode = codec.CONVERSION.encode
 
     def emit(row: dict) -> None:
+        """The one exit of every final conversion."""
         emitted.labels(row["status"]).inc()
         outputs.add(conversions_topic, row["click_id"].encode(), encode(row))
+        entry = ledger.conversion_entry(settings, row)
+        outputs.add(ledger_topic, row["conversion_id"].encode(), encode_entry(entry))
+        if row["txn_id"] and row["status"] != "attributed":
+            # a reversal by this txn_id finds it: not_attributed, not unknown_conversion
+            outputs.add(txn_check_topic, txn_key(row), encode(row))
 
     def check_txn(row: dict) -> None:
         outputs.add(txn_check_topic, txn_key(row), encode(row))
+
+    def to_ledger(reversal: dict) -> None:
+        outputs.add(ledger_topic, reversal["conversion_id"].encode(), encode_entry(reversal))
+
+    def check_reversal(reversal: dict) -> None:
+        key = txn_key(reversal)
+        partition = kafka.partition(key, settings.kafka_partitions)
+        outputs.add(txn_check_topic, REVERSAL_MARK + key, encode_entry(reversal), partition)
+
+    def adjust(row: dict) -> None:
+        adjusted.labels(row["kind"], row["outcome"]).inc()
+        outputs.add(adjustments_topic, row["conversion_id"].encode(), codec.ADJUSTMENT.encode(row))
+
+    def replace(row: dict) -> None:
+        """A conversion's row again (reversed): not a new conversion, so not `emit`."""
+        emitted.labels(row["status"]).inc()
+        outputs.add(conversions_topic, row["click_id"].encode(), encode(row))
 
     def emit_skan(key: bytes, record: dict) -> None:
         skan_outcomes.labels(record["outcome"]).inc()
@@ -171,21 +224,35 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         check_txn,
         margin_s=settings.state_margin,
         indexes=indexes and indexes[:2],
+        to_ledger=to_ledger,
+        check_reversal=check_reversal,
+        adjust=adjust,
     )
-    skan_stage = SkanStage(settings, views[2], emit_skan, indexes and indexes[2])
-    clicks_seen: dict[int, int] = {}
+    book = app.ledger = Ledger(
+        settings,
+        views[2],
+        adjust,
+        replace,
+        margin_s=settings.state_margin,
+        index=indexes and indexes[2],
+    )
+    skan_stage = SkanStage(settings, views[3], emit_skan, indexes and indexes[3])
+    # topic -> partition -> offset of the last record handled
+    seen: dict[str, dict[int, int]] = {
+        t.get_topic_name(): {} for t in (clicks, txn_check, ledger_in)
+    }
 
-    def clicks_caught_up(partition: int) -> bool:
-        """Has every click already in this partition been joined?"""
-        tp = TP(clicks.get_topic_name(), partition)
+    def caught_up(topic: faust.TopicT, partition: int) -> bool:
+        """Has every record already in this partition of `topic` been handled?"""
+        tp = TP(topic.get_topic_name(), partition)
         highwater = app.consumer.highwater(tp)
         if highwater is None:
             return False
-        seen = clicks_seen.get(partition)
-        if seen is not None:
-            return seen >= highwater - 1
+        last = seen[tp.topic].get(partition)
+        if last is not None:
+            return last >= highwater - 1
         # nothing read since the assignment: what lies before the committed offset was
-        # joined by the previous owner
+        # handled by the previous owner
         committed = committed_offset(app, tp)
         return highwater == 0 or (committed is not None and committed >= highwater)
 
@@ -195,7 +262,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         with handling(messages[0]):
             for message in messages:
                 joiner.on_click(partition, decode(message.value))
-        clicks_seen[partition] = messages[-1].offset
+        seen[messages[0].topic][partition] = messages[-1].offset
 
     @app.batch(postbacks)
     def join_postbacks(messages: list[faust.types.Message]) -> None:
@@ -209,16 +276,35 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         """Ticks carry no data: a batch of them is one expiry run of its partition."""
         partition, now = messages[0].partition, int(time.time() * 1000)
         with handling(messages[0]):
-            joiner.on_tick(partition, now, clicks_caught_up(partition))
-            joiner.on_txn_tick(partition, now)
+            joiner.on_tick(partition, now, caught_up(clicks, partition))
+            joiner.on_txn_tick(partition, now, caught_up(txn_check, partition))
+            book.on_tick(partition, now, caught_up(ledger_in, partition))
             skan_stage.on_tick(partition, now)
 
     @app.batch(txn_check)
     def dedup_txn(messages: list[faust.types.Message]) -> None:
         decode, partition = codec.CONVERSION.decode, messages[0].partition
+        now = int(time.time() * 1000)
         with handling(messages[0]):
             for message in messages:
-                joiner.on_txn(partition, decode(message.value))
+                if message.key[:1] == REVERSAL_MARK:
+                    joiner.on_txn_reversal(partition, codec.LEDGER.decode(message.value), now)
+                else:
+                    joiner.on_txn(partition, decode(message.value))
+        seen[messages[0].topic][partition] = messages[-1].offset
+
+    @app.batch(ledger_in)
+    def keep_ledger(messages: list[faust.types.Message]) -> None:
+        decode, partition = codec.LEDGER.decode, messages[0].partition
+        now = int(time.time() * 1000)
+        with handling(messages[0]):
+            for message in messages:
+                entry = decode(message.value)
+                if entry["kind"] == "reversal":
+                    book.on_reversal(partition, entry, now)
+                else:
+                    book.on_conversion(partition, entry)
+        seen[messages[0].topic][partition] = messages[-1].offset
 
     @app.batch(skan_reports)
     def dedup_skan(messages: list[faust.types.Message]) -> None:
@@ -248,21 +334,24 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     @app.on_rebalance_complete.connect
     async def on_restored(app, **kwargs):
         name = ticks.get_topic_name()
-        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name}
-        joiner.prepare(assigned)
-        skan_stage.prepare(assigned)
+        partitions = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name}
+        now = int(time.time() * 1000)
+        joiner.prepare(partitions, now)
+        book.prepare(partitions, now)
+        skan_stage.prepare(partitions)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
         partitions = {tp.partition for tp in revoked if tp.topic == ticks.get_topic_name()}
         joiner.forget(partitions)
+        book.forget(partitions)
         skan_stage.forget(partitions)
         for view in views:
             view.forget(partitions)
-        for partition in {tp.partition for tp in revoked}:
-            clicks_seen.pop(partition, None)
+        for tp in revoked:
+            seen.get(tp.topic, {}).pop(tp.partition, None)
         # the memory store keeps revoked keys; drop them so memory follows the assignment
-        for table in (state, txns, skan):
+        for table in (state, txns, books, skan):
             for key in [k for k, v in table.data.items() if loads(v)["p"] in partitions]:
                 del table.data[key]
         # Kafka's eager rebalance revokes *every* partition, also those assigned again
@@ -271,7 +360,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         # rebalance): the keys dropped above would never come back, and repeats of clicks
         # converted before would count as new conversions. Forget that offset as well, so
         # a partition that comes back is restored from the start of its changelog.
-        for table in (state, txns, skan):
+        for table in (state, txns, books, skan):
             for partition in partitions:
                 app.tables.recovery.revoke(TP(table.changelog_topic.get_topic_name(), partition))
 

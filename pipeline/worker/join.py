@@ -8,7 +8,20 @@ txn_id must be checked across all clicks). They never await, so no two events
 interleave between reading and writing a key.
 
 Stage 1, keyed by click_id: clicks, postbacks and ticks of the same partition.
-Stage 2, keyed by advertiser + txn_id: txn_id dedup across clicks.
+Stage 2, keyed by advertiser + txn_id: txn_id dedup across clicks; it also
+resolves reversals named by txn_id to the conversion that owns the txn_id.
+
+Reversals pass through: stage 1 sends one naming a conversion_id to the ledger
+stage (`to_ledger`, worker/ledger.py) and one naming a txn_id to stage 2
+(`check_reversal`). Stage 2 forwards it to the ledger with the owner's
+conversion_id (or that of a conversion with the txn_id that was not attributed,
+which `emit` reports to stage 2 as a marker); with none yet it waits
+(worker/waiting.py), then is answered `unknown_conversion` (`adjust`), and a
+replay of it gets the same answer for as long as the entry lives.
+
+A txns entry: {"p": partition, "exp": ms, "o": owner conversion_id, "n": a
+non-attributed conversion_id, "q": [waiting reversals], "d": [reversal IDs
+answered unknown_conversion]}, each key but p and exp only when it has a value.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, MutableMapping
 
 from pipeline.config import Settings
-from pipeline.core import attribution
+from pipeline.core import attribution, ledger
 from pipeline.worker.state import (
     ExpiryIndex,
     dumps,
@@ -24,7 +37,9 @@ from pipeline.worker.state import (
     next_deadline,
     postback_from_json,
     postback_to_json,
+    recount,
 )
+from pipeline.worker.waiting import Wait, enqueue, resumed, tick
 
 # the first wait before a pending postback is checked again while its clicks are behind
 RECHECK_MS = 1000
@@ -40,12 +55,19 @@ class Joiner:
         check_txn: Callable[[dict], None],
         margin_s: float = 3600,
         indexes: tuple | None = None,
+        *,
+        to_ledger: Callable[[dict], None] | None = None,
+        check_reversal: Callable[[dict], None] | None = None,
+        adjust: Callable[[dict], None] | None = None,
     ):
         self.settings = settings
         self.state, self.txns = state, txns
         self.emit, self.check_txn = emit, check_txn
+        # reversals: to the ledger stage, to stage 2 (by txn_id), an adjustment row
+        self.to_ledger, self.check_reversal, self.adjust = to_ledger, check_reversal, adjust
         self.retention_ms = int(attribution.state_retention_s(settings, margin_s) * 1000)
         self.grace_ms = int(settings.unknown_click_grace * 1000)
+        self.txn_wait = Wait(self.grace_ms)  # reversals waiting for a txn_id's conversion
         # (state, txns) expiry indexes: in memory by default, on disk with a disk store
         self.state_index, self.txn_index = indexes or (ExpiryIndex(), ExpiryIndex())
         # partition -> how long a pending postback waits before its next check while
@@ -70,6 +92,9 @@ class Joiner:
     def on_postback(self, partition: int, postback: dict) -> None:
         if postback["outcome"] != "accepted":
             return  # logged by the sink; nothing to attribute
+        if postback.get("status"):
+            self._route_reversal(postback)
+            return
         key = postback["click_id"].encode()
         entry = loads(self.state.get(key))
         if entry is not None and "c" in entry:
@@ -100,7 +125,7 @@ class Joiner:
         built = self.state_index.ensure(
             partition, self.state, lambda e: next_deadline(e, self.grace_ms)
         )
-        _recount(self.state, built)
+        recount(self.state, built)
         if clicks_caught_up:
             self.recheck_ms.pop(partition, None)
             recheck = RECHECK_MS
@@ -143,57 +168,130 @@ class Joiner:
         self.state[key] = dumps(entry)
         self.state_index.push(entry["p"], next_deadline(entry, self.grace_ms), key)
 
+    def _route_reversal(self, postback: dict) -> None:
+        record = ledger.reversal_entry(postback, postback["conversion_id"] or "")
+        if record["conversion_id"]:
+            self.to_ledger(record)
+        else:
+            self.check_reversal(record)
+
     # --- stage 2 -------------------------------------------------------------
 
     def on_txn(self, partition: int, row: dict) -> None:
-        """First conversion per advertiser and txn_id is attributed; later ones duplicate."""
+        """First conversion per advertiser and txn_id is attributed; later ones duplicate.
+        One that is not attributed (a marker from `emit`) is only noted, so that a
+        reversal by its txn_id can be told `not_attributed`."""
         key = txn_key(row)
         entry = loads(self.txns.get(key))
-        if entry is not None and entry["o"] != row["conversion_id"]:
-            self.emit(attribution.txn_duplicate(row, entry["o"]))
+        owner = None if entry is None else entry.get("o")
+        cid = row["conversion_id"]
+        if row["status"] != "attributed":
+            if owner is None and (entry is None or entry.get("n") != cid):
+                entry = entry or self._txn_entry(partition, row["conversion_ts_ms"])
+                entry["n"] = cid
+                self._release(entry, cid)
+                self._store_txn(key, entry)
             return
-        if entry is None:
-            entry = {
-                "p": partition,
-                "o": row["conversion_id"],
-                "exp": row["conversion_ts_ms"] + self.retention_ms,
-            }
-            self.txns[key] = dumps(entry)
-            self.txn_index.push(partition, entry["exp"], key)
-        self.emit(row)  # first time, or a replay of the owner: same conversion_id
+        if owner is not None and owner != cid:
+            self.emit(attribution.txn_duplicate(row, owner))
+            return
+        if owner is None:
+            entry = entry or self._txn_entry(partition, row["conversion_ts_ms"])
+            entry["o"] = cid
+            entry["exp"] = max(entry["exp"], row["conversion_ts_ms"] + self.retention_ms)
+            self.emit(row)  # before the reversals it releases: the ledger hears of it first
+            self._release(entry, cid)
+            self._store_txn(key, entry)
+            return
+        self.emit(row)  # a replay of the owner: same conversion_id
 
-    def on_txn_tick(self, partition: int, now_ms: int) -> None:
-        _recount(self.txns, self.txn_index.ensure(partition, self.txns, lambda e: e["exp"]))
-        for key in list(self.txn_index.due(partition, now_ms)):
-            entry = loads(self.txns.get(key))
-            if entry is not None and entry["exp"] <= now_ms:
-                del self.txns[key]
+    def on_txn_reversal(self, partition: int, reversal: dict, now_ms: int) -> None:
+        """A reversal by txn_id: to the ledger as the conversion that has the txn_id, or
+        wait for one (see the module docstring)."""
+        key = txn_key(reversal)
+        entry = loads(self.txns.get(key))
+        rid = reversal["postback_id"]
+        if entry is not None:
+            if rid in entry.get("d", ()):
+                self._unknown_txn(None, reversal)  # answered before: the same answer
+                return
+            target = entry.get("o") or entry.get("n")
+            if target:
+                self.to_ledger({**reversal, "conversion_id": target})
+                return
+        else:
+            entry = {"p": partition, "exp": now_ms + self.retention_ms}
+        if enqueue(entry, reversal, now_ms):
+            self._store_txn(key, entry)
 
-    def prepare(self, partitions) -> None:
-        """Partitions were assigned and their tables restored: index them now, before
-        their records are handled (a tick would otherwise scan a table that has grown)."""
+    def on_txn_tick(self, partition: int, now_ms: int, caught_up: bool = True) -> None:
+        """Expire due txns entries; answer reversals that waited out their time while
+        txn-check is caught up (`caught_up`)."""
+        deadline = self.txn_wait.deadline
+        recount(self.txns, self.txn_index.ensure(partition, self.txns, deadline))
+        tick(
+            self.txns,
+            self.txn_index,
+            self.txn_wait,
+            partition,
+            now_ms,
+            caught_up,
+            self._unknown_txn,
+            self._store_txn,
+        )
+
+    def _txn_entry(self, partition: int, ts_ms: int) -> dict:
+        return {"p": partition, "exp": ts_ms + self.retention_ms}
+
+    def _store_txn(self, key: bytes, entry: dict) -> None:
+        if not entry.get("q"):
+            entry.pop("q", None)
+        self.txns[key] = dumps(entry)
+        self.txn_index.push(entry["p"], self.txn_wait.deadline(entry), key)
+
+    def _release(self, entry: dict, conversion_id: str) -> None:
+        """Reversals that waited for this txn_id: to the ledger, as `conversion_id`'s."""
+        for pending in entry.pop("q", ()):
+            self.to_ledger({**resumed(pending), "conversion_id": conversion_id})
+
+    def _unknown_txn(self, entry: dict | None, reversal: dict) -> None:
+        """`unknown_conversion`; recorded in the entry so that a replay gets it again."""
+        if entry is not None:
+            entry.setdefault("d", []).append(reversal["postback_id"])
+        self.adjust(
+            ledger.unknown(
+                reversal,
+                f"no conversion with txn_id {reversal['txn_id']} of advertiser "
+                f"{reversal['advertiser']} within {self.settings.unknown_click_grace:g}s",
+            )
+        )
+
+    def prepare(self, partitions, now_ms: int = 0) -> None:
+        """Partitions were assigned (at `now_ms`) and their tables restored: index them
+        now, before their records are handled (a tick would otherwise scan a table that
+        has grown)."""
         partitions = sorted(partitions)
+        self.txn_wait.ready(partitions, now_ms)
         if not partitions:
             return
         first, rest = partitions[0], partitions[1:]
         deadline = lambda e: next_deadline(e, self.grace_ms)  # noqa: E731
-        _recount(self.state, self.state_index.ensure(first, self.state, deadline, rest))
-        _recount(self.txns, self.txn_index.ensure(first, self.txns, lambda e: e["exp"], rest))
+        recount(self.state, self.state_index.ensure(first, self.state, deadline, rest))
+        recount(self.txns, self.txn_index.ensure(first, self.txns, self.txn_wait.deadline, rest))
 
     def forget(self, partitions) -> None:
         """Partitions were revoked: their indexes are rebuilt if they come back."""
         self.state_index.forget(partitions)
         self.txn_index.forget(partitions)
+        self.txn_wait.forget(partitions)
         for partition in partitions:
             self.recheck_ms.pop(partition, None)
 
 
-def _recount(table: MutableMapping, built: dict[int, int]) -> None:
-    """Tell a table that counts its keys (worker.outputs.Changelogged) what a scan found."""
-    recount = getattr(table, "recount", None)
-    if built and recount is not None:
-        recount(built)
-
-
 def txn_key(row: dict) -> bytes:
     return f"{row['advertiser']}\x00{row['txn_id']}".encode()
+
+
+# txn-check's key of a reversal: 0x00 + its txn_key (advertiser IDs never start with
+# 0x00, so no conversion's key does), sent to the partition of the txn_key
+REVERSAL_MARK = b"\x00"

@@ -49,6 +49,13 @@ def next_deadline(entry: dict, grace_ms: int) -> int:
     return min([entry["exp"], *pending])
 
 
+def recount(table: MutableMapping, built: dict[int, int]) -> None:
+    """Tell a table that counts its keys (worker.outputs.Changelogged) what a scan found."""
+    counted = getattr(table, "recount", None)
+    if built and counted is not None:
+        counted(built)
+
+
 class ExpiryIndex:
     """Per-partition heaps of (deadline_ms, key), rebuilt lazily from the table.
 
