@@ -92,9 +92,19 @@ class Deliverer:
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, request: Request, logged_url: str) -> policy.Attempt:
-        """One attempt: at most `timeout` seconds from connect to status line."""
-        started_ms, t0 = int(time.time() * 1000), time.monotonic()
+    async def send(
+        self,
+        request: Request,
+        logged_url: str,
+        attempt_id: str = "",
+        started_ms: int | None = None,
+    ) -> policy.Attempt:
+        """One attempt: at most `timeout` seconds from connect to status line.
+        `attempt_id` and `started_ms` (default: now) are the attempt's, as its
+        `sending` record gave them."""
+        t0 = time.monotonic()
+        if started_ms is None:
+            started_ms = int(time.time() * 1000)
         status: int | None = None
         try:
             url = URL(request.url, encoded=True)
@@ -117,7 +127,7 @@ class Deliverer:
         except Exception as e:  # noqa: BLE001 - every failure is this attempt's outcome
             kind, error = classify_error(e, self.timeout)
         duration_ms = round((time.monotonic() - t0) * 1000)
-        return policy.Attempt(kind, status, error, started_ms, duration_ms, logged_url)
+        return policy.Attempt(kind, status, error, started_ms, duration_ms, logged_url, attempt_id)
 
 
 def _check_literal(host: str) -> None:

@@ -3,11 +3,15 @@
 Checkpoint order, per message: make the attempt; publish its outcome (attempt
 row, plus the next retry task or the dead letter; acks=all); only then mark the
 offset finished (`attempts.Attempts` makes and publishes them, `outbox.Outbox`
-batches the outcomes of many messages). Offsets are committed every half second
-up to the lowest unfinished offset of each partition (`offsets.Tracker`), so a
-crash redoes unfinished messages and loses none: at-least-once, with the
-conversion ID as Idempotency-Key on every attempt. A commit runs beside the
-reads, one at a time; stopping waits for it before the last one.
+batches the outcomes of many messages). Offsets are committed up to the lowest
+unfinished offset of each partition (`offsets.Tracker`), so a crash redoes
+unfinished messages and loses none: at-least-once, with the conversion ID as
+Idempotency-Key on every attempt. A commit starts as soon as outcomes are
+acknowledged and the commit before it has landed (and every COMMIT_INTERVAL for
+messages that needed no work): what a crash makes the service do again (and a
+publisher receive twice) is what finished during one commit's round trip, plus
+the requests in flight. A commit runs beside the reads, one at a time; stopping
+waits for it before the last one.
 
 Durable retries: retry n of every callback goes to `callbacks-retry-<n>`, all
 with the same delay, so within a partition `not_before_ms` grows with the
@@ -59,7 +63,7 @@ from pipeline.core import callback as tasks
 
 log = logging.getLogger(__name__)
 
-COMMIT_INTERVAL = 0.5
+COMMIT_INTERVAL = 0.5  # seconds between commits when nothing finishes (skipped messages)
 HOLD = 1.0  # seconds a partition may wait for a full lane (see the module docstring)
 HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
 RETRY_REST_MOST = 1.0  # seconds the retry topics rest between reads, at most
@@ -117,7 +121,10 @@ class CallbackService:
         self.rested_from = time.monotonic()  # when they last began to rest
         self.retries_brought = False  # records of a retry topic during this read
         self.in_flight = 0
-        self.committing: asyncio.Task | None = None  # the periodic commit in flight
+        self.committing: asyncio.Task | None = None  # the commit in flight
+        self.commit_again = False  # something finished while it was in flight
+        self.commit_failure: BaseException | None = None  # what a commit raised (a bug)
+        self.stopping = False
         self.attempts = Attempts(
             settings,
             self.metrics,
@@ -149,6 +156,7 @@ class CallbackService:
         for lane in self.lanes.values():
             self._dropped(lane.drop(lambda _: False))
         await self.attempts.stop(timeout=self.settings.callback_timeout + 5)
+        self.stopping = True  # the last commit is the one below
         if self.consumer is not None:
             if self.committing is not None:  # let it land first: commits go in order
                 await asyncio.gather(self.committing, return_exceptions=True)
@@ -191,22 +199,34 @@ class CallbackService:
                 self.backlogged += len(messages)
             self._drain()
             self.metrics.in_flight.set(self.in_flight + self.backlogged)
-            if time.monotonic() - last_commit >= COMMIT_INTERVAL and self._commit_settled():
-                # beside the reads: awaited here, the broker's answer would hold up
-                # every record fetched meanwhile
-                self.committing = asyncio.create_task(self.commit())
+            if self.commit_failure is not None:
+                raise self.commit_failure
+            if time.monotonic() - last_commit >= COMMIT_INTERVAL:
+                self._commit_soon()
                 last_commit = time.monotonic()
 
-    def _commit_settled(self) -> bool:
-        """Whether no offset commit is in flight; raises what the last one raised
-        (a bug: `commit` handles Kafka's errors)."""
-        task = self.committing
-        if task is not None:
-            if not task.done():
-                return False
-            self.committing = None
-            task.result()
-        return True
+    def _commit_soon(self) -> None:
+        """Commit what is finished now, or once the commit in flight has landed.
+        Beside the reads: awaited in the loop, the broker's answer would hold up
+        every record fetched meanwhile."""
+        if self.stopping or self.consumer is None:
+            return
+        if self.committing is not None and not self.committing.done():
+            self.commit_again = True
+            return
+        self.commit_again = False
+        self.committing = asyncio.create_task(self.commit())
+        self.committing.add_done_callback(self._committed)
+
+    def _committed(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:  # a bug: `commit` handles Kafka's errors
+            self.commit_failure = self.commit_failure or task.exception()
+            self.wake.set()
+            return
+        if self.commit_again:
+            self._commit_soon()
 
     def _drain(self) -> None:
         """Start what was read, in order per partition, until a head must wait."""
@@ -360,6 +380,7 @@ class CallbackService:
         self.in_flight -= 1
         if self.in_flight + self.backlogged == self.window - 1:
             self.wake.set()  # the window has room again
+        self._commit_soon()
 
     def _dropped(self, jobs: list[Job]) -> None:
         """Queued jobs dropped before their request: their offsets stay unfinished
