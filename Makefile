@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-fast lint bench bench-quick migrate simulate clean
+.PHONY: dev test test-fast test-fuzz test-faults lint openapi bench bench-quick migrate simulate clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench
+
+# the ingress serves deploy/openapi.yaml as JSON (PyYAML is a dev dependency only)
+openapi: $(STAMP)
+	$(BIN)/python -c 'import json, yaml; d = yaml.safe_load(open("deploy/openapi.yaml")); open("pipeline/ingress/openapi.json", "w").write(json.dumps(d, indent=1) + "\n")'
 
 simulate: $(STAMP)
 	$(BIN)/pipeline simulate --config deploy/example.toml

@@ -3,6 +3,7 @@
     GET  /click/{campaign_id}  ─► clicks     (key click_id) ─► 302 to the destination
     GET|POST /postback         ─► postbacks  (key click_id) ─► 200 accepted | 4xx | 503
     GET  /healthz /readyz /metrics
+    GET  /openapi.json         deploy/openapi.yaml, as JSON
 
 Answers only after Kafka acknowledged the event (acks=all). Every postback
 request, accepted or not, is published to the postbacks topic with its outcome
@@ -14,6 +15,7 @@ records are batched into produce requests by `batcher.Batcher`.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import time
@@ -46,6 +48,7 @@ BATCHER = web.AppKey("batcher", Batcher)
 METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
 DEV_STATUS = web.AppKey("dev_status", str)
+OPENAPI_JSON = web.AppKey("openapi_json", bytes)
 
 
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -245,6 +248,14 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# deploy/openapi.yaml as JSON (`make openapi`; tests/test_openapi.py checks they agree)
+OPENAPI = importlib.resources.files("pipeline.ingress").joinpath("openapi.json")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_JSON], headers=_JSON_HEADERS)
+
+
 async def _spool_drainer(app: web.Application) -> None:
     """Every few seconds, republish spooled records once Kafka takes them again."""
     spool = app[SPOOL]
@@ -288,6 +299,7 @@ def build_app(settings: Settings, dev_status: str = "") -> web.Application:
     app[SETTINGS] = settings
     app[DEV_STATUS] = dev_status or ""
     app[METRICS] = IngressMetrics()
+    app[OPENAPI_JSON] = OPENAPI.read_bytes()
     port = settings.ingress_listen.rpartition(":")[2]
     app[SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.spool")
     app.cleanup_ctx.append(_kafka_ctx)
@@ -297,6 +309,7 @@ def build_app(settings: Settings, dev_status: str = "") -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
