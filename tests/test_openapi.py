@@ -33,7 +33,8 @@ def registered() -> set[tuple[str, str]]:
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
-        if route.method != "HEAD"  # aiohttp adds HEAD to every GET
+        # aiohttp adds HEAD to every GET; "*" is the JSON 404 of every other path
+        if route.method not in ("HEAD", "*")
     }
 
 

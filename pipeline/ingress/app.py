@@ -209,6 +209,11 @@ async def bad_request(app: web.Application, bad: BadRequest) -> web.Response:
     return await _logged(app, record, rejection)
 
 
+async def not_found(request: web.Request) -> web.Response:
+    """Any other path or method: the JSON error body, as for every error."""
+    return error(Rejected(404, "not_found", f"no route {request.method} {request.path}"))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -310,6 +315,7 @@ def build_app(settings: Settings, dev_status: str = "") -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_route("*", "/{path:.*}", not_found)  # last: what no route above takes
     return app
 
 
