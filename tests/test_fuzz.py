@@ -188,7 +188,8 @@ def test_generated_and_hostile_requests(live):
         status = send_raw(port, parts, pause=0.2 if i < 3 else 0)  # the first ones slowly
         if status is not None:
             tally.add(status, target)
-    print(f"{len(tally.statuses)} answered, {tally.postbacks} to /postback, {len(tally.refused)} unsent")
+    answered, unsent = len(tally.statuses), len(tally.refused)
+    print(f"{answered} answered, {tally.postbacks} to /postback, {unsent} unsent")
     server_errors = [s for s in tally.statuses if s[0] >= 500 and s[0] != 503]
     assert server_errors == []
     assert [s for s in tally.statuses if s[0] == 503] == []  # Kafka was up all along

@@ -57,9 +57,10 @@ def test_every_route_is_described_and_every_description_is_a_route():
         responses = SPEC["paths"][path][method.lower()]["responses"]
         errors = [code for code in responses if code >= "400"]
         for code in errors:  # every error body is JSON {error, detail}
-            content = responses[code].get("content") or SPEC["components"]["responses"][
-                "Error"
-            ]["content"]
+            content = (
+                responses[code].get("content")
+                or SPEC["components"]["responses"]["Error"]["content"]
+            )
             assert "application/json" in content, (method, path, code)
 
 
