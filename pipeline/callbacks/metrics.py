@@ -33,6 +33,11 @@ class CallbackMetrics:
             ["pub"],
             registry=self.registry,
         )
+        self.repeats = Counter(
+            "pipeline_callbacks_repeated_conversions",
+            "Conversions read again (a worker's replay) whose callback was already taken",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "pipeline_callbacks_in_flight",
             "Messages read and not finished (waiting for or queued in a publisher lane, in a "

@@ -54,6 +54,7 @@ from pipeline.callbacks.attempts import Attempts, now_ms
 from pipeline.callbacks.lanes import Job, Lane
 from pipeline.callbacks.metrics import CallbackMetrics
 from pipeline.callbacks.offsets import Tracker
+from pipeline.callbacks.seen import Seen
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class CallbackService:
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
         self.conversions = settings.topic(topics.conversions)
+        self.seen = Seen()  # conversions already taken: a worker's replay is skipped
         self.trackers: dict[TopicPartition, Tracker] = {}
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
@@ -366,6 +368,10 @@ class CallbackService:
                             conversion["pub"],
                         )
                     tracker.skip(message.offset)
+                    return None
+                if not self.seen.first(conversion["conversion_id"]):
+                    self.metrics.repeats.inc()
+                    tracker.skip(message.offset)  # its callback was taken already
                     return None
                 return tasks.from_conversion(conversion)
             return TASK_READER.decode(message.value)
