@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--install-rate", type=float, default=0.3)
     sim.add_argument("--concurrency", type=int, default=32)
     sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument(
+        "--skan", type=int, default=None, help="SKAdNetwork postbacks (default: clicks / 10)"
+    )
     return p
 
 

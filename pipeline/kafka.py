@@ -13,10 +13,17 @@ import logging
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.partitioner import murmur2
 
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+def partition(key: bytes, count: int) -> int:
+    """The partition (of `count`) Kafka's default partitioner gives `key`:
+    toPositive(murmur2(key)) % count, so co-partitioned consumers find it."""
+    return (murmur2(key) & 0x7FFFFFFF) % count
 
 
 def producer(settings: Settings, **overrides) -> AIOKafkaProducer:

@@ -20,7 +20,7 @@ from standardwebhooks import Webhook
 from pipeline import codec, config, kafka
 from pipeline.config import CALLBACK_MACROS
 
-from .conftest import config_text
+from .conftest import config_text, without_skan
 
 # for tests without the sink: the config needs a URL, nothing connects to it
 NO_CLICKHOUSE = "http://127.0.0.1:9"
@@ -163,7 +163,7 @@ def callbacks_config(bootstrap: str, clickhouse: str, publishers: str, **callbac
     text = config_text(
         bootstrap, clickhouse, callbacks="\n".join(f"{k} = {v}" for k, v in body.items())
     )
-    text = re.sub(r"^\[\[publishers\]\]\n(?:[^\[\n].*\n|\n)*", "", text, flags=re.M)
+    text = re.sub(r"^\[\[publishers\]\]\n(?:[^\[\n].*\n|\n)*", "", without_skan(text), flags=re.M)
     return text + "\n" + publishers + "\n"
 
 

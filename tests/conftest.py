@@ -87,6 +87,12 @@ def config_text(bootstrap: str, clickhouse: str, extra: str = "", **sections) ->
     return text + "\n" + extra
 
 
+def without_skan(text: str) -> str:
+    """A config text without its [skan] tables ([skan], [[skan.sources]], [skan.apps.*]):
+    for tests that replace the publishers or campaigns the example's SKAN sources name."""
+    return re.sub(r"^\[\[?skan[.\]].*?(?=^\[(?!\[?skan[.\]])|\Z)", "", text, flags=re.M | re.S)
+
+
 def make_settings(bootstrap: str, clickhouse: str, extra: str = "", **sections) -> config.Settings:
     doc = tomllib.loads(config_text(bootstrap, clickhouse, extra, **sections))
     return config.parse(doc)

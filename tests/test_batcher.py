@@ -13,7 +13,7 @@ from aiokafka.structs import TopicPartition
 
 from pipeline import kafka
 from pipeline.ingress.batcher import Batcher
-from pipeline.partitioner import partition
+from pipeline.kafka import partition
 
 from .conftest import make_settings
 

@@ -289,7 +289,7 @@ async def test_a_stalled_publisher_does_not_delay_a_healthy_one(tansu):
             )
             # ...all while the stalled publisher still holds its requests
             assert not server.release.is_set() and server.in_progress["stall"] == 2
-            assert service.lanes["stall"].pending <= 4  # the rest wait in Kafka, not here
+            assert service.lanes["pub", "stall"].pending <= 4  # the rest wait in Kafka, not here
             deferred = service.metrics.deferred.labels("stall")._value.get()
             assert deferred >= 1
             server.release.set()

@@ -142,6 +142,8 @@ def test_pipeline_dev_end_to_end(dev):
             "40",
             "--seed",
             "7",
+            "--skan",
+            "10",
         ],
         capture_output=True,
         text=True,
@@ -150,6 +152,14 @@ def test_pipeline_dev_end_to_end(dev):
     assert sim.returncode == 0, sim.stderr
     assert "click 200" in sim.stdout and "postback 200" in sim.stdout
     assert "40/40" in sim.stderr  # the progress bar ran to the end
+    # SKAdNetwork postbacks signed with the example's test key: verified, and forwarded
+    # to acme's skan_forward_url (the demo publisher)
+    assert "skan 200" in sim.stdout
+    wait_until(lambda: "publisher got POST /skan {" in output(), 60, message="a SKAN forward")
+    client = ddl.connect(clickhouse)
+    verified = "SELECT countIf(outcome = 'verified') FROM attribution.skan_postbacks FINAL"
+    wait_until(lambda: client.query(verified).result_rows[0][0] >= 1, 30, message="SKAN rows")
+    client.close()
 
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert proc.wait(60) == 0, output()

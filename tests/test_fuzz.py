@@ -37,6 +37,7 @@ TOKEN, CLICK_SECRET = "adv-secret", "dev-secret-change-me"
 EXAMPLES = 60  # per operation and generation mode
 RAW_CASES = 120
 PB = "/postback"
+SKAN = "/.well-known/skadnetwork/report-attribution/"
 
 
 @pytest.fixture
@@ -109,10 +110,13 @@ def raw_cases(port: int, rng: random.Random) -> list[tuple[list[bytes], str]]:
     bad_utf8 = b"token=\xff\xfe&click_id=\xc3\x28"
     deep = b'{"token": "' + TOKEN.encode() + b'", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}"
 
-    def post(body: bytes, ctype: str = "application/x-www-form-urlencoded", extra=b""):
+    def post(body: bytes, ctype="application/x-www-form-urlencoded", extra=b"", path=PB):
         return (
-            b"POST /postback HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype.encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n" + extra
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n".encode()
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n"
+            + extra
         ) + b"\r\n"
 
     fixed = [
@@ -142,6 +146,20 @@ def raw_cases(port: int, rng: random.Random) -> list[tuple[list[bytes], str]]:
         ([b"GET /click/c1?pub=net1&sub1=%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n"], "/click/c1"),
         ([b"GET /%ff%00/../.. HTTP/1.1\r\nHost: x\r\n\r\n"], "/%ff%00/../.."),
         ([b"GET / HTTP/9.9\r\n\r\n"], ""),
+        # SKAdNetwork postbacks: split, not JSON, invalid UTF-8, deep, too large
+        (
+            [post(doc, "application/json", path=SKAN), doc[:9], doc[9:]],
+            SKAN,
+        ),
+        ([post(b"{}", "application/json", path=SKAN) + b"{}"], SKAN),
+        ([post(b"[1, 2]", "text/plain", path=SKAN) + b"[1, 2]"], SKAN),
+        ([post(bad_utf8, "application/json", path=SKAN) + bad_utf8], SKAN),
+        ([post(deep, "application/json", path=SKAN) + deep], SKAN),
+        ([post(b"{" * 70000, "application/json", path=SKAN) + b"{" * 70000], SKAN),
+        (
+            [post(doc, extra=b"X-Forwarded-For: \xff\xfe\r\n", path=SKAN) + doc],
+            SKAN,
+        ),
     ]
     out = list(fixed)
     alphabet = [b"token=", TOKEN.encode(), b"&", b"=", b"%", b"\xff", b"\x00", b"{", b'"', b"\r\n"]
@@ -180,9 +198,9 @@ def test_generated_and_hostile_requests(live):
     base, port, settings, logs = live
     tally = Tally()
     ran = schemathesis_run(base, tally)
-    for method in ("GET", "POST"):
+    for method, path in (("GET", PB), ("POST", PB), ("POST", SKAN)):
         for mode in ("positive", "negative"):
-            assert (method, "/postback", mode) in ran
+            assert (method, path, mode) in ran
     rng = random.Random(20)
     for i, (parts, target) in enumerate(raw_cases(port, rng)):
         status = send_raw(port, parts, pause=0.2 if i < 3 else 0)  # the first ones slowly

@@ -30,7 +30,7 @@ def reference() -> tuple[CollectorRegistry, Counter, Histogram, Counter]:
     )
     requests.labels("postback", "accepted")
     requests.labels("click", "redirect")
-    for topic in ("clicks", "postbacks"):
+    for topic in ("clicks", "postbacks", "skan-reports"):
         latency.labels(topic)
     return registry, requests, latency, spooled
 

@@ -56,6 +56,8 @@ def _value(avro_type, name: str, i: int, rnd: random.Random):
         return f"{name}-{i}" if name.endswith("_id") else rnd.choice(STRINGS)
     if avro_type == "long":
         return rnd.choice(MILLIS) if name.endswith("_ms") else rnd.choice((0, -5, 2**40, 7))
+    if avro_type == "boolean":
+        return rnd.random() < 0.5
     if avro_type == "int":
         return rnd.choice((0, 1, 200, 503, 65535)) if "status" in name else rnd.randrange(2**31)
     raise AssertionError(f"no test values for {avro_type!r}")

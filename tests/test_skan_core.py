@@ -496,7 +496,7 @@ def test_no_value_anywhere_breaks_evaluate_or_the_schema(value):
     for field in [*fields, "attribution-signature", "campaign-id"]:
         for base in (sign(V4), sign(V3 | {"did-win": True})):
             body = json.dumps({**base, field: value}).encode()
-            record = {"skan_id": "0" * 32, "received_at_ms": 1, **evaluate(body)}
+            record = {"skan_id": "0" * 32, "received_at_ms": 1, "source_ip": "", **evaluate(body)}
             assert record["outcome"] in OUTCOMES - {"invalid_json", "unknown_source"}
             assert c.decode(c.encode(record)) == record
 
@@ -681,9 +681,12 @@ def test_the_schema_examples_are_what_evaluate_makes():
         expected = postback_codec.from_json(postbacks[name])
         assert fastavro.validate(expected, postback_codec.schema)
         assert postback_codec.decode(postback_codec.encode(expected)) == expected
-        assert skan.postback_record(report, config(), TEST_KEYS) == expected, name
+        made = skan.postback_record(report, config(), TEST_KEYS)
+        if name.startswith("duplicate-"):  # what the dedup stage makes of a second copy
+            made = skan.duplicate(made, reports["verified-v3.json"]["skan_id"])
+        assert made == expected, name
         outcomes.add(expected["outcome"])
-    assert outcomes == OUTCOMES
+    assert outcomes == OUTCOMES | {"too_large", "duplicate"}
 
 
 # --- config ----------------------------------------------------------------------------

@@ -2,11 +2,9 @@
 
 import ipaddress
 import json
-import random
 from decimal import Decimal
 
 import pytest
-from yarl import URL
 
 from pipeline import config
 from pipeline.core import clickid, validation
@@ -166,38 +164,3 @@ def test_redacted_raw_is_what_the_json_encoder_writes(params):
     )
     # what cannot be stored as UTF-8 (a lone surrogate) is replaced, the rest kept
     assert validation.redacted_raw("POST", "/postback", params) == validation.clean(expected)
-
-
-QUERIES = [
-    "",
-    "token=adv-secret&event=install&click_id=AZq7xJkAsC3vYcT0ZPbyJkzzgpOq2yr7C0tB",
-    "a=1&a=2&b=&c&&=x&d==e&a=3",  # repeated (the first wins), blank, no '=', empty name
-    "sub1=a+b&c+d=+&plus=%2B",  # '+' is a space, %2B a plus
-    "name=%E9t%C3%A9&bad=%ff%fe&half=%e&pct=100%",  # escapes, invalid UTF-8, stray '%'
-    "é=ü&sp ace=x;y&q=?/:@",  # raw non-ASCII and punctuation
-    "&&&",
-    "=",
-]
-
-
-@pytest.mark.parametrize("query", QUERIES)
-def test_query_params_as_yarl_decodes_them(query):
-    expected = dict(URL.build(path="/postback", query_string=query, encoded=True).query)
-    params = validation.query_params(query)
-    assert params == expected if "%" not in query else params is None
-    if params is not None:
-        assert list(params) == list(expected)  # the raw request keeps the order
-
-
-def test_query_params_random_strings():
-    rng = random.Random(7)
-    alphabet = "ab=&+ %é;?#/"
-    for _ in range(3000):
-        query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
-        query = query.replace("#", "")  # a fragment never reaches the query string
-        params = validation.query_params(query)
-        if params is None:
-            assert "%" in query
-            continue
-        expected = dict(URL.build(path="/p", query_string=query, encoded=True).query)
-        assert list(params.items()) == list(expected.items()), query

@@ -1,8 +1,10 @@
 """The callbacks service's wiring: its topics, its group, and the process around it.
 
     conversions ─────────┐                        ┌─► callback-attempts ─► sink ─► callbacks
-                         ├─► group "callbacks" ─► │   (every attempt, one row each)
+    skan-postbacks ──────┼─► group "callbacks" ─► │   (every attempt, one row each)
     callbacks-retry-1..N ┘   lane per publisher   ├─► callbacks-retry-<n> (retry n, due later)
+                             (and per advertiser  │
+                             of SKAN forwards)    │
           ▲                  ─► HTTP              └─► callbacks-dead (failed or blocked)
           └──────── `pipeline callbacks-replay` ◄───────┘
 
@@ -10,6 +12,8 @@
 `attempts.Attempts` makes each request (`deliver.Deliverer`) and publishes its
 outcome through `outbox.Outbox`; `replay` sends dead letters round again. The
 group is the service's own: a partner outage never holds up the warehouse.
+Verified SKAdNetwork postbacks of an advertiser with a `skan_forward_url` are
+forwarded the same way, with their own lane (`core.callback.forward_target`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Topics(NamedTuple):
     """The service's topics (suffixes of `kafka.topic_prefix`)."""
 
     conversions: str = "conversions"
+    skan_postbacks: str = "skan-postbacks"
     attempts: str = "callback-attempts"
     dead: str = "callbacks-dead"
     retry_prefix: str = "callbacks-retry-"
@@ -47,7 +52,7 @@ class Topics(NamedTuple):
         return [self.retry(n) for n in range(1, self.retry_count + 1)]
 
     def all(self) -> list[str]:
-        return [self.conversions, self.attempts, self.dead, *self.retries()]
+        return [self.conversions, self.skan_postbacks, self.attempts, self.dead, *self.retries()]
 
 
 def topics(settings: Settings) -> Topics:

@@ -88,7 +88,9 @@ class Attempts:
             worker.add_done_callback(self._worker_done)
 
     def unknown_publisher(self, job: Job) -> None:
-        error = f"publisher {job.task['pub']!r} is not in the configuration"
+        error = f"{request.destination(job.task)} is not in the configuration"
+        if job.task.get("advertiser"):
+            error += " with a skan_forward_url"
         self._conclude(job, policy.Attempt(policy.PERMANENT, None, error, now_ms(), 0, ""))
 
     def park(self, job: Job) -> None:
@@ -112,8 +114,7 @@ class Attempts:
         try:
             while lane.queue:
                 job = lane.queue.popleft()
-                publisher = self.settings.publishers[job.task["pub"]]
-                req = request.build(publisher, job.task, int(time.time()))
+                req = request.request_of(self.settings, job.task, int(time.time()))
                 try:
                     url, started = lane.redact(req.url), now_ms()
                     attempt_id = policy.new_attempt_id(started)
@@ -148,15 +149,19 @@ class Attempts:
 
     def _concluded(self, job: Job, step: policy.Step) -> None:
         record = step.record
-        self._child(self.metrics.attempts, record["pub"], record["outcome"]).inc()
-        if step.dead is not None:
-            self._child(self.metrics.dead, record["pub"]).inc()
+        if record["advertiser"]:
+            self._child(self.metrics.forwards, record["advertiser"], record["outcome"]).inc()
+        else:
+            self._child(self.metrics.attempts, record["pub"], record["outcome"]).inc()
+            if step.dead is not None:
+                self._child(self.metrics.dead, record["pub"]).inc()
         # the callbacks table has every attempt; the log keeps what needs a look
         log.log(
             logging.DEBUG if record["outcome"] == "delivered" else logging.INFO,
-            "callback %s pub=%s attempt=%d %s status=%s %dms %s",
+            "callback %s pub=%s advertiser=%s attempt=%d %s status=%s %dms %s",
             record["conversion_id"],
             record["pub"],
+            record["advertiser"],
             record["attempt"],
             record["outcome"],
             record["status_code"],

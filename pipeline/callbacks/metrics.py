@@ -21,6 +21,12 @@ class CallbackMetrics:
             ["pub", "outcome"],
             registry=self.registry,
         )
+        self.forwards = Counter(
+            "pipeline_callbacks_skan_forwards",
+            "SKAdNetwork forward attempts by advertiser and outcome (as attempts)",
+            ["advertiser", "outcome"],
+            registry=self.registry,
+        )
         self.deferred = Counter(
             "pipeline_callbacks_deferred",
             "Callbacks parked in Kafka because their publisher had too many in flight",
@@ -34,8 +40,9 @@ class CallbackMetrics:
             registry=self.registry,
         )
         self.repeats = Counter(
-            "pipeline_callbacks_repeated_conversions",
-            "Conversions read again (a worker's replay) whose callback was already taken",
+            "pipeline_callbacks_repeats",
+            "Records skipped: a worker's replay of a conversion or SKAdNetwork postback "
+            "whose callback this process already took",
             registry=self.registry,
         )
         self.in_flight = Gauge(

@@ -102,14 +102,21 @@ class CallbackService:
         hold: float = HOLD,
     ):
         self.settings, self.topics, self.group = settings, topics, group
+        # one lane per publisher, and per advertiser that gets SKAdNetwork forwards
         self.lanes = {
-            pub: Lane(concurrency, pending, request.redactor(publisher))
+            ("pub", pub): Lane(concurrency, pending, request.redactor(publisher))
             for pub, publisher in settings.publishers.items()
         }
+        for advertiser in settings.advertisers.values():
+            if advertiser.skan_forward_url:
+                redact = request.forward_redactor(advertiser)
+                self.lanes["advertiser", advertiser.id] = Lane(concurrency, pending, redact)
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
         self.conversions = settings.topic(topics.conversions)
-        self.seen = Seen()  # conversions already taken: a worker's replay is skipped
+        self.seen = Seen()  # records already taken: a worker's replay is skipped
+        self.skan_postbacks = settings.topic(topics.skan_postbacks)
+        self.inputs = {self.conversions, self.skan_postbacks}  # the rest: retry topics
         self.trackers: dict[TopicPartition, Tracker] = {}
         self.delayed: dict[TopicPartition, int] = {}  # paused until this ms: head not due
         # read but not started, in offset order; a partition with any is paused (its
@@ -150,7 +157,7 @@ class CallbackService:
         prefix = s.topic(self.topics.retry_prefix)
         wanted = {s.topic(t) for t in self.topics.retries()}
         wanted |= {t for t in await self.consumer.topics() if t.startswith(prefix)}
-        self.consumer.subscribe([self.conversions, *sorted(wanted)], listener=_Rebalance(self))
+        self.consumer.subscribe([*sorted(self.inputs), *sorted(wanted)], listener=_Rebalance(self))
 
     async def stop(self) -> None:
         """Drop queued work, let running requests finish and their outcomes be
@@ -192,7 +199,7 @@ class CallbackService:
             room = self.window - self.in_flight - self.backlogged
             batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max(1, room))
             for tp, messages in batch.items():
-                if tp.topic != self.conversions:
+                if tp.topic not in self.inputs:
                     self.retries_brought = True
                 if tp in self.backlog:  # read while it was being paused: keep the order
                     self.backlog[tp].extend(messages)
@@ -265,7 +272,7 @@ class CallbackService:
                 full
                 or tp in self.delayed
                 or tp in self.backlog
-                or (resting and tp.topic != self.conversions)
+                or (resting and tp.topic not in self.inputs)
             )
             if hold and tp not in paused:
                 self.consumer.pause(tp)
@@ -285,7 +292,7 @@ class CallbackService:
             return False
         began = self.reading_retries
         for tp in assigned:
-            if tp.topic == self.conversions or tp in self.delayed or tp in self.backlog:
+            if tp.topic in self.inputs or tp in self.delayed or tp in self.backlog:
                 continue
             if (self.consumer.last_poll_timestamp(tp) or 0) < began:
                 return False  # not answered yet
@@ -324,7 +331,7 @@ class CallbackService:
             self.delayed[tp] = task["not_before_ms"]
             self.consumer.pause(tp)
             return _REWOUND
-        lane = self.lanes.get(task["pub"])
+        lane = self.lanes.get(request.lane_of(task))
         job = Job(tp, message.offset, tracker, task)
         if lane is None:
             work = self.attempts.unknown_publisher
@@ -341,9 +348,8 @@ class CallbackService:
             if not lane.parking:
                 lane.parking = True
                 log.warning(
-                    "publisher %s is stalled or overloaded (%d in its lane): parking its "
-                    "callbacks in %s",
-                    task["pub"],
+                    "%s %s is stalled or overloaded (%d in its lane): parking its callbacks in %s",
+                    *request.lane_of(task),
                     lane.pending,
                     self.topics.retry(1),
                 )
@@ -369,16 +375,32 @@ class CallbackService:
                         )
                     tracker.skip(message.offset)
                     return None
-                if not self.seen.first(conversion["conversion_id"]):
-                    self.metrics.repeats.inc()
-                    tracker.skip(message.offset)  # its callback was taken already
+                key = ("conversion", conversion["conversion_id"], conversion["status"])
+                if self._repeat(key, tp, message.offset, tracker):
                     return None
                 return tasks.from_conversion(conversion)
+            if tp.topic == self.skan_postbacks:
+                record = codec.SKAN_POSTBACK.decode(message.value)
+                advertiser = tasks.forward_target(record, self.settings)
+                if advertiser is None:
+                    tracker.skip(message.offset)
+                    return None
+                if self._repeat(("skan", record["skan_id"]), tp, message.offset, tracker):
+                    return None
+                return tasks.from_skan(record, advertiser.id)
             return TASK_READER.decode(message.value)
         except Exception:  # noqa: BLE001 - one bad record must not stop every callback
             log.exception("undecodable record %s@%d skipped", tp, message.offset)
             tracker.skip(message.offset)
             return None
+
+    def _repeat(self, key: tuple, tp: TopicPartition, offset: int, tracker: Tracker) -> bool:
+        """Whether the record is a worker's replay of one taken before (then skipped)."""
+        if self.seen.first(key, (tp.topic, tp.partition, offset)):
+            return False
+        self.metrics.repeats.inc()
+        tracker.skip(offset)  # its callback was taken already
+        return True
 
     def _finish(self, job: Job) -> None:
         """The outcome of `job` is durable: its offset may be committed."""

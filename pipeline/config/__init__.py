@@ -32,6 +32,7 @@ from pipeline.config.reader import (
 )
 from pipeline.config.settings import Advertiser, Campaign, EventRule, Publisher, Settings
 from pipeline.core import macros, ssrf
+from pipeline.core.skan_config import parse_skan
 
 __all__ = [
     "CALLBACK_MACROS",
@@ -69,7 +70,8 @@ _SECTIONS = {
     "sink": {"batch_rows", "batch_seconds"},
     "worker": {"store", "web_listen", "data_dir", "state_margin", "tick_interval"},
     "fx": None,  # free-form currency table
-    "advertisers": {"id", "token", "allowed_ips"},
+    "skan": None,  # validated by core.skan_config.parse_skan
+    "advertisers": {"id", "token", "allowed_ips", "skan_forward_url", "signing_secret"},
     "publishers": {"id", "postback_url", "events", "method", "signing_secret"},
     "campaigns": {"id", "advertiser", "destination", "click_window", "currency", "events"},
 }
@@ -140,6 +142,8 @@ def parse(data: dict) -> Settings:
             raise ConfigError(f"advertisers.{adv.id}.token", f"same token as {tokens[adv.token]}")
         tokens[adv.token] = adv.id
 
+    skan = parse_skan(data.get("skan"), campaigns, publishers, fx, reporting)
+
     cb = sec["callbacks"]
     schedule = cb.get("retry_schedule", list, ["5s", "30s", "2m", "10m", "1h", "6h"])
     sink, worker = sec["sink"], sec["worker"]
@@ -191,6 +195,7 @@ def parse(data: dict) -> Settings:
         advertisers=advertisers,
         publishers=publishers,
         campaigns=campaigns,
+        skan=skan,
         worker_store=store,
         worker_web_listen=listen(
             worker.get("web_listen", str, "127.0.0.1:6066"), "worker.web_listen"
@@ -231,7 +236,23 @@ def _advertiser(r: Reader) -> Advertiser:
     token = r.secret("token", required=True)
     if len(token) < 8:
         raise ConfigError(r.key("token"), "must be at least 8 characters")
-    return Advertiser(r.ident("id"), token, r.networks("allowed_ips", ["0.0.0.0/0", "::/0"]))
+    forward = r.get("skan_forward_url", str, "")
+    if forward:
+        try:  # sent as it is: no macros
+            macros.check_url_template(forward, ())
+            _check_callback_authority(forward)
+        except ValueError as e:
+            raise ConfigError(r.key("skan_forward_url"), str(e)) from None
+    secret = r.secret("signing_secret", "")
+    if secret and not whsec_key(secret):
+        raise ConfigError(r.key("signing_secret"), "must look like 'whsec_<base64 key>'")
+    return Advertiser(
+        r.ident("id"),
+        token,
+        r.networks("allowed_ips", ["0.0.0.0/0", "::/0"]),
+        skan_forward_url=forward,
+        signing_secret=secret,
+    )
 
 
 def _publisher(r: Reader) -> Publisher:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
 from urllib.parse import urlsplit
 
 from pipeline.core.secrets import Secrets, TokenIndex
+from pipeline.core.skan_config import SkanConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Advertiser:
     id: str
     token: str
     allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    skan_forward_url: str = ""  # where its apps' verified SKAdNetwork postbacks go; "": none
+    signing_secret: str = ""  # "whsec_<base64>": SKAdNetwork forwards are signed
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Settings:
     advertisers: dict[str, Advertiser]
     publishers: dict[str, Publisher]
     campaigns: dict[str, Campaign]
+    skan: SkanConfig = field(default_factory=SkanConfig)
     worker_store: str = "memory://"
     worker_web_listen: str = "127.0.0.1:6066"
     worker_data_dir: str = ".data/worker"

@@ -7,6 +7,11 @@ settings, as the Standard Webhooks specification asks (receivers reject old
 timestamps). The URL and body of a task never change; `Idempotency-Key` and
 `webhook-id` are the conversion ID on every attempt, so a publisher can drop
 repeats.
+
+A task with an `advertiser` is a SKAdNetwork forward instead: the verified
+postback's body (`body`, verbatim) POSTed to that advertiser's
+`skan_forward_url`, its skan_id in place of the conversion ID, through the same
+retries, SSRF guard and signing (the advertiser's `signing_secret`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from functools import lru_cache, partial
 from typing import NamedTuple
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from pipeline.config import Publisher, whsec_key
+from pipeline.config import Advertiser, Publisher, Settings, whsec_key
 from pipeline.core import macros
 
 # conversion fields a task copies; everything a callback macro can show
@@ -57,16 +62,63 @@ def wants_callback(conversion: Mapping, publishers: Mapping[str, Publisher]) -> 
 def from_conversion(conversion: Mapping) -> dict:
     """The task of a conversion's first attempt, due at once."""
     task = {name: conversion[name] for name in CONVERSION_FIELDS}
-    task.update(
-        attempt=1,
-        retry=0,
-        not_before_ms=0,
-        deferrals=0,
-        last_outcome="",
-        last_status_code=None,
-        last_error="",
-    )
+    task.update(_FIRST_ATTEMPT, advertiser="", body="")
     return task
+
+
+_FIRST_ATTEMPT = dict(
+    attempt=1,
+    retry=0,
+    not_before_ms=0,
+    deferrals=0,
+    last_outcome="",
+    last_status_code=None,
+    last_error="",
+)
+
+
+def forward_target(record: Mapping, settings: Settings) -> Advertiser | None:
+    """The advertiser a skan_postback record is forwarded to, or None. "Its apps'"
+    postbacks: a verified one goes to the advertiser of the campaign its
+    `[[skan.sources]]` entry names, when that advertiser has a `skan_forward_url`.
+    Duplicates and every other outcome are never forwarded."""
+    if record["outcome"] != "verified":
+        return None
+    campaign = settings.campaigns.get(record["campaign_id"])
+    advertiser = settings.advertisers.get(campaign.advertiser) if campaign else None
+    return advertiser if advertiser is not None and advertiser.skan_forward_url else None
+
+
+def from_skan(record: Mapping, advertiser: str) -> dict:
+    """The task of a SKAdNetwork forward's first attempt, due at once: keyed by the
+    skan_id, the body as the device sent it, no publisher."""
+    task = {name: "" for name in CONVERSION_FIELDS}
+    task.update(
+        conversion_id=record["skan_id"],
+        campaign_id=record["campaign_id"],
+        event=record["event"],
+        txn_id=record["transaction_id"] or None,
+        revenue=record["revenue"],
+        payout=Decimal(0),
+        currency=record["currency"],
+        click_ts_ms=None,
+        conversion_ts_ms=record["received_at_ms"],
+        ctit_seconds=None,
+    )
+    task.update(_FIRST_ATTEMPT, advertiser=advertiser, body=record["raw"])
+    return task
+
+
+def lane_of(task: Mapping) -> tuple[str, str]:
+    """Whose share of the service a task takes: its publisher's, or its advertiser's."""
+    advertiser = task.get("advertiser")
+    return ("advertiser", advertiser) if advertiser else ("pub", task["pub"])
+
+
+def destination(task: Mapping) -> str:
+    """Whom a task calls, for logs and errors: "publisher net1", "advertiser acme"."""
+    kind, name = lane_of(task)
+    return f"{'publisher' if kind == 'pub' else 'advertiser'} {name}"
 
 
 @lru_cache(maxsize=4096)  # payouts and revenues repeat: a few distinct amounts
@@ -141,6 +193,28 @@ def build(publisher: Publisher, task: Mapping, now_s: int) -> Request:
     return Request(publisher.method, url, headers, body)
 
 
+def build_forward(advertiser: Advertiser, task: Mapping, now_s: int) -> Request:
+    """The request of one attempt of a SKAdNetwork forward: POST, the body verbatim."""
+    body = task["body"].encode("utf-8")
+    headers = {
+        "Idempotency-Key": task["conversion_id"],
+        "User-Agent": USER_AGENT,
+        "Content-Type": "application/json",
+    }
+    if advertiser.signing_secret:
+        headers.update(
+            signature_headers(advertiser.signing_secret, task["conversion_id"], now_s, body)
+        )
+    return Request("POST", advertiser.skan_forward_url, headers, body)
+
+
+def request_of(settings: Settings, task: Mapping, now_s: int) -> Request:
+    """The request of one attempt of any task, from the current settings."""
+    if task.get("advertiser"):
+        return build_forward(settings.advertisers[task["advertiser"]], task, now_s)
+    return build(settings.publishers[task["pub"]], task, now_s)
+
+
 def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     """`webhook-id`, `webhook-timestamp`, `webhook-signature` of the Standard Webhooks
     specification: v1 = base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}"))."""
@@ -206,6 +280,11 @@ def redactor(publisher: Publisher) -> Callable[[str], str]:
 
 def _same(url: str) -> str:
     return url
+
+
+def forward_redactor(advertiser: Advertiser) -> Callable[[str], str]:
+    """`redact_url` for an advertiser's forward URL (forwards are few: always parsed)."""
+    return partial(redact_url, secrets=(advertiser.signing_secret, advertiser.token))
 
 
 def secrets_of(publisher: Publisher) -> tuple[str, ...]:

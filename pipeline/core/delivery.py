@@ -14,7 +14,8 @@ published) is a row of its own, never a replacement of the first. Before the
 request leaves, its `sending` record is published (`sending`); its outcome
 record (`step`) carries the same attempt_id and replaces it in the table, so an
 attempt whose outcome the service never published still has its row.
-Attempt numbers keep counting across dead-letter replays.
+Attempt numbers keep counting across dead-letter replays. A SKAdNetwork
+forward has pub "", its advertiser, and its skan_id as conversion_id.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def sending(task: Mapping, attempt_id: str, started_ms: int, url: str) -> dict:
         "attempt_id": attempt_id,
         "conversion_id": task["conversion_id"],
         "pub": task["pub"],
+        "advertiser": task.get("advertiser", ""),
         "attempt": task["attempt"],
         "ts_ms": started_ms,
         "url": url,
@@ -105,6 +107,7 @@ def step(task: Mapping, attempt: Attempt, schedule: Sequence[float], now_ms: int
         "attempt_id": attempt.attempt_id or new_attempt_id(now_ms),
         "conversion_id": task["conversion_id"],
         "pub": task["pub"],
+        "advertiser": task.get("advertiser", ""),
         "attempt": task["attempt"],
         "ts_ms": attempt.started_ms,
         "url": attempt.url,

@@ -2,10 +2,11 @@
 
 Pure functions of plain values (the signature itself is `skan_signature`'s).
 `evaluate` turns a body into the record of `schemas/skan_postback.avsc` less the
-two fields the ingress adds; `postback_record` adds them from a
+three fields the ingress adds; `postback_record` adds them from a
 `schemas/skan_report.avsc` record. Checks, in order, each with its outcome:
 
-- `invalid_json`: the body is not a UTF-8 JSON object.
+- `invalid_json`: the body is not a UTF-8 JSON object (`too_large`: the ingress
+  refused a body over 64 KiB unread).
 - `unsupported_version`: `version` is none of 2.0, 2.1, 2.2, 3.0, 4.0, or 1.0
   (also when absent: the original postbacks had no version).
 - `wrong_ad_network`: `ad-network-id` is not in `[skan] ad_network_ids` (any case).
@@ -13,7 +14,8 @@ two fields the ingress adds; `postback_record` adds them from a
   for the version (`skan_signature.signed_message` says over what).
 - `unknown_source`: no `[[skan.sources]]` id matches (see `match_source`).
 - `verified`: counted. `duplicate` is decided later by a stateful stage: verified
-  postbacks with the same `dedup_key` are one.
+  postbacks with the same `dedup_key` are one (`duplicate` makes the record of a
+  later one).
 
 A verified postback decodes to an event and its revenue (in the app's currency):
 
@@ -40,7 +42,9 @@ from pipeline.core.skan_signature import (
     APPLE_KEYS,
     KEY_FAMILY,
     SIGNED_FIELDS,
+    Keys,
     SkanError,
+    sign,
     signature_problem,
     signed_message,
     verify,
@@ -55,9 +59,13 @@ __all__ = [
     "SkanError",
     "decode",
     "dedup_key",
+    "duplicate",
     "evaluate",
     "match_source",
+    "parse_body",
     "postback_record",
+    "report",
+    "sign",
     "signed_message",
     "verify",
     "version_of",
@@ -134,23 +142,56 @@ def decode(postback: dict, app: SkanApp | None) -> tuple[str, Decimal, str]:
     return "", _ZERO, f"{name} has no rule in [skan.apps.{json.dumps(app.id)}]"
 
 
-def evaluate(body: bytes, config: SkanConfig, keys: Mapping[str, str] = APPLE_KEYS) -> dict:
-    """The skan_postback record of a body (without `skan_id`, `received_at_ms`).
+def parse_body(body: bytes) -> dict:
+    """The JSON object of a body; SkanError `invalid_json` saying why it is none (the
+    ingress answers 400 for exactly these)."""
+    try:
+        postback = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SkanError("invalid_json", f"not JSON: {e}"[:200]) from None
+    if not isinstance(postback, dict):
+        raise SkanError("invalid_json", f"a JSON {type(postback).__name__}, not an object")
+    return postback
+
+
+def report(
+    skan_id: str, received_at_ms: int, source_ip: str, body: bytes | None, limit: int
+) -> tuple[dict, bytes]:
+    """The skan_report record of a request and its Kafka key; `body` None: over `limit`.
+
+    The key is the body's transaction-id, so that the copies of a transaction's
+    postbacks meet in one partition of the dedup stage; the skan_id when it has
+    none (nothing to deduplicate)."""
+    record = dict(skan_id=skan_id, received_at_ms=received_at_ms, source_ip=source_ip)
+    record.update(body="", outcome="", detail="", spooled=False)
+    postback = None
+    if body is None:
+        record.update(outcome="too_large", detail=f"body is over {limit} bytes")
+    else:
+        record["body"] = body.decode("utf-8", "replace")
+        try:
+            postback = parse_body(body)
+        except SkanError as e:
+            record.update(outcome=e.outcome, detail=e.detail)
+    txn = _text(postback.get("transaction-id")) if postback else ""
+    return record, (txn or skan_id).encode()
+
+
+def evaluate(body: bytes, config: SkanConfig, keys: Keys | None = None) -> dict:
+    """The skan_postback record of a body (without `skan_id`, `received_at_ms`,
+    `source_ip`). `keys`: family -> public keys (default `config.keys`: Apple's and
+    any `[skan] test_keys`).
 
     Never raises for any body. Absent Apple fields are "" (text columns) or None.
     """
     raw = body.decode("utf-8", "replace")
-    record = _record({}, raw)
     try:
-        postback = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        return {**record, "outcome": "invalid_json", "detail": f"not JSON: {e}"[:200]}
-    if not isinstance(postback, dict):
-        detail = f"a JSON {type(postback).__name__}, not an object"
-        return {**record, "outcome": "invalid_json", "detail": detail}
+        postback = parse_body(body)
+    except SkanError as e:
+        return {**_record({}, raw), "outcome": e.outcome, "detail": e.detail}
     record = _record(postback, raw)
     try:
-        _check(postback, config, keys)
+        _check(postback, config, config.keys if keys is None else keys)
     except SkanError as e:
         return {**record, "outcome": e.outcome, "detail": e.detail}
     source = match_source(postback, config.sources)
@@ -173,10 +214,46 @@ def evaluate(body: bytes, config: SkanConfig, keys: Mapping[str, str] = APPLE_KE
     }
 
 
-def postback_record(report: dict, config: SkanConfig, keys: Mapping[str, str] = APPLE_KEYS) -> dict:
-    """The skan_postback record of a skan_report record."""
-    head = {"skan_id": report["skan_id"], "received_at_ms": report["received_at_ms"]}
-    return {**head, **evaluate(report["body"].encode(), config, keys)}
+SPOOLED = "answered 503 (Kafka unavailable); published later from the ingress's spool"
+
+
+def postback_record(report: dict, config: SkanConfig, keys: Keys | None = None) -> dict:
+    """The skan_postback record of a skan_report record.
+
+    A report the ingress refused (`outcome` invalid_json or too_large) keeps that
+    verdict and its detail: the device was answered 400 or 413 for it. A spooled
+    report is evaluated like any other, its detail saying it was answered 503."""
+    head = {
+        "skan_id": report["skan_id"],
+        "received_at_ms": report["received_at_ms"],
+        "source_ip": report.get("source_ip", ""),
+    }
+    if report.get("outcome"):
+        refused = _record({}, report["body"])
+        return {**head, **refused, "outcome": report["outcome"], "detail": report["detail"]}
+    record = {**head, **evaluate(report["body"].encode(), config, keys)}
+    if report.get("spooled"):
+        record["detail"] = "; ".join(filter(None, (record["detail"], SPOOLED)))
+    return record
+
+
+def duplicate(record: dict, owner: str) -> dict:
+    """A verified record whose `dedup_key` was verified before, as skan_id `owner`:
+    decoded to nothing, like every record that is not verified (counted once)."""
+    index = record["postback_sequence_index"]
+    detail = f"transaction-id {record['transaction_id']!r}"
+    if index is not None:
+        detail += f" postback-sequence-index {index}"
+    decoded = {k: v for k, v in _record({}, "").items() if k in _DECODED}
+    return {
+        **record,
+        **decoded,
+        "outcome": "duplicate",
+        "detail": f"{detail} was verified before ({owner})",
+    }
+
+
+_DECODED = ("event", "revenue", "revenue_reporting", "currency", "campaign_id", "pub")
 
 
 def dedup_key(result: dict) -> bytes:
@@ -186,7 +263,7 @@ def dedup_key(result: dict) -> bytes:
     return f"{result['transaction_id']}\x00{'' if index is None else index}".encode()
 
 
-def _check(postback: dict, config: SkanConfig, keys: Mapping[str, str]) -> None:
+def _check(postback: dict, config: SkanConfig, keys: Keys) -> None:
     version_of(postback)
     network = postback.get("ad-network-id")
     if not isinstance(network, str) or network.lower() not in config.ad_network_ids:

@@ -14,6 +14,19 @@ fine = [ { values = "0", event = "install" },
 coarse = { low = "install", medium = "purchase", high = { event = "purchase", revenue = 4.99 } }
 ```
 
+Two more keys, both optional:
+
+- `dedup_retention = "60d"`: how long a verified postback's (transaction-id,
+  postback-sequence-index) is remembered; a copy arriving later counts again.
+  Apple sends a transaction's last postback at most about 41 days after the first
+  launch (third conversion window: days 8-35, then up to 144 hours of delay), so
+  the default covers a whole transaction with three weeks to spare.
+- `test_keys = { p256 = "<base64 DER>", p192 = "<base64 DER>" }`: FOR TESTS AND
+  DEMOS ONLY. Keys accepted *in addition to* Apple's (p192 verifies versions 1.0
+  and 2.0, p256 the later ones): a public key (SubjectPublicKeyInfo), or a private
+  key (PKCS#8), which also lets `pipeline simulate` sign postbacks. Whoever holds
+  a test private key can forge postbacks this config believes: never in production.
+
 Fine `values` are one value or a range of 0-63 ("5", "1-63"; an integer is one
 value), and no two rules of an app may share a value; values without a rule are
 allowed. A coarse value names an event, or is a table `{ event, revenue }` like a
@@ -28,8 +41,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+
+from pipeline.core.skan_signature import APPLE_KEYS, KEY_CURVES, test_key
 
 AD_NETWORK_ID_RE = re.compile(r"^[a-z0-9]+\.skadnetwork$")
 EVENT_RE = re.compile(r"^[a-z0-9_]{1,64}$")
@@ -39,6 +55,8 @@ COARSE_VALUES = ("low", "medium", "high")
 FINE_VALUES = 64  # a fine conversion value is 6 bits: 0-63
 # an amount must fit the decimal(18, 6) of the schemas: 12 digits before the point
 AMOUNT_LIMIT = Decimal(10) ** 12
+
+DEDUP_RETENTION = "60d"
 
 _RANGE_RE = re.compile(r"^([0-9]{1,2})(?:-([0-9]{1,2}))?$")
 
@@ -73,6 +91,12 @@ class SkanConfig:
     sources: dict[str, SkanSource] = field(default_factory=dict)
     apps: dict[str, SkanApp] = field(default_factory=dict)
     reporting_currency: str = "USD"
+    # key family -> the base64 DER public keys a signature may hold under (Apple's first)
+    keys: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {f: (k,) for f, k in APPLE_KEYS.items()}
+    )
+    test_signers: dict[str, str] = field(default_factory=dict)  # family -> PKCS#8 base64
+    dedup_retention_s: float = 60 * 86400
 
 
 def parse_skan(
@@ -85,13 +109,18 @@ def parse_skan(
     """
     if table is None:
         table = {}
-    _check_table(table, "skan", {"ad_network_ids", "sources", "apps"})
+    allowed = {"ad_network_ids", "sources", "apps", "test_keys", "dedup_retention"}
+    _check_table(table, "skan", allowed)
     rates = {**fx, reporting_currency: Decimal(1)}
+    keys, signers = _test_keys(table.get("test_keys", {}))
     return SkanConfig(
         ad_network_ids=_ad_network_ids(table.get("ad_network_ids", [])),
         sources=_sources(table.get("sources", []), campaigns, publishers),
         apps=_apps(table.get("apps", {}), rates, reporting_currency),
         reporting_currency=reporting_currency,
+        keys=keys,
+        test_signers=signers,
+        dedup_retention_s=_retention(table.get("dedup_retention", DEDUP_RETENTION)),
     )
 
 
@@ -109,6 +138,31 @@ def _check_table(table, key: str, allowed: set[str]) -> None:
     for name in table:
         if name not in allowed:
             raise _error(f"{key}.{name}", "unknown key")
+
+
+def _retention(value) -> float:
+    from pipeline.config.reader import parse_duration  # as ConfigError, see _error
+
+    seconds = parse_duration(value, "skan.dedup_retention")
+    if seconds <= 0:
+        raise _error("skan.dedup_retention", "must be longer than 0s")
+    return seconds
+
+
+def _test_keys(table) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """(Apple's keys with the test keys after them, the test private keys)."""
+    _check_table(table, "skan.test_keys", set(KEY_CURVES))
+    keys = {family: (key,) for family, key in APPLE_KEYS.items()}
+    signers = {}
+    for family, value in table.items():
+        try:
+            public, private = test_key(value, family)
+        except ValueError as e:
+            raise _error(f"skan.test_keys.{family}", str(e)) from None
+        keys[family] += (public,)
+        if private:
+            signers[family] = value
+    return keys, signers
 
 
 def _ad_network_ids(ids) -> frozenset[str]:

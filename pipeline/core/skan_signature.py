@@ -19,10 +19,15 @@ from collections.abc import Mapping
 from functools import lru_cache
 from types import MappingProxyType
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_der_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_private_key,
+    load_der_public_key,
+)
 
 # base64 DER SubjectPublicKeyInfo, as Apple publishes them: P-192 in "SKAdNetwork 1
 # release notes" and "SKAdNetwork 2 release notes", P-256 in "Verifying an
@@ -35,6 +40,7 @@ APPLE_KEYS: Mapping[str, str] = MappingProxyType(
         "HaaIzoHoLN9zW4K8y4SPykE3YVK3sVqW6Af0lfx3gg==",
     }
 )
+KEY_CURVES: Mapping[str, str] = MappingProxyType({"p192": "secp192r1", "p256": "secp256r1"})
 KEY_FAMILY: Mapping[str, str] = MappingProxyType(
     {"1.0": "p192", "2.0": "p192", "2.1": "p256", "2.2": "p256", "3.0": "p256", "4.0": "p256"}
 )
@@ -99,7 +105,11 @@ def signed_message(postback: dict) -> str:
     return SEPARATOR.join(parts)
 
 
-def verify(postback: dict, keys: Mapping[str, str] = APPLE_KEYS) -> bool:
+# family -> a base64 DER public key, or several (any of them may have signed)
+Keys = Mapping[str, str | tuple[str, ...]]
+
+
+def verify(postback: dict, keys: Keys = APPLE_KEYS) -> bool:
     """True when the postback's `attribution-signature` holds under
     `keys[KEY_FAMILY[version]]` (base64 DER public keys; Apple's by default).
 
@@ -107,7 +117,7 @@ def verify(postback: dict, keys: Mapping[str, str] = APPLE_KEYS) -> bool:
     return not signature_problem(postback, keys)
 
 
-def signature_problem(postback: dict, keys: Mapping[str, str] = APPLE_KEYS) -> str:
+def signature_problem(postback: dict, keys: Keys = APPLE_KEYS) -> str:
     """Why the signature does not hold, as a sentence; "" when it holds.
 
     SkanError for an unsupported version."""
@@ -129,11 +139,49 @@ def signature_problem(postback: dict, keys: Mapping[str, str] = APPLE_KEYS) -> s
     family = KEY_FAMILY[version_of(postback)]
     if family not in keys:
         return f"no {family} public key to verify with"
+    candidates = keys[family]
+    for key in (candidates,) if isinstance(candidates, str) else candidates:
+        try:
+            _public_key(key).verify(der, message, ec.ECDSA(hashes.SHA256()))
+            return ""
+        except (InvalidSignature, ValueError):
+            continue
+    return f"attribution-signature does not verify with the {family} key"
+
+
+def sign(postback: dict, private_key: str) -> dict:
+    """The postback with an `attribution-signature` made with `private_key` (base64
+    PKCS#8 DER) over its `signed_message`: how tests and `pipeline simulate` sign
+    postbacks with a test key. SkanError as `signed_message`."""
+    key = load_der_private_key(base64.b64decode(private_key), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("an SKAdNetwork key is an elliptic-curve key")
+    signature = key.sign(signed_message(postback).encode("utf-8"), ec.ECDSA(hashes.SHA256()))
+    return {**postback, "attribution-signature": base64.b64encode(signature).decode()}
+
+
+def test_key(encoded, family: str) -> tuple[str, bool]:
+    """(the base64 DER public key, whether `encoded` was a private key) of a test key
+    of `family` given as base64 DER: a public key (SubjectPublicKeyInfo) or an
+    unencrypted PKCS#8 private key. ValueError saying what is wrong."""
     try:
-        _public_key(keys[family]).verify(der, message, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
-        return f"attribution-signature does not verify with the {family} key"
-    return ""
+        der = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else b""
+    except (binascii.Error, ValueError):
+        der = b""
+    if not der:
+        raise ValueError("must be a base64 DER key (public SubjectPublicKeyInfo or PKCS#8)")
+    private = False
+    try:
+        public = load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm):
+        try:
+            public, private = load_der_private_key(der, password=None).public_key(), True
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError("is neither a DER public key nor an unencrypted PKCS#8 key") from None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != KEY_CURVES[family]:
+        raise ValueError(f"is not a {KEY_CURVES[family]} elliptic-curve key")
+    spki = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(spki).decode(), private
 
 
 def text(value) -> str:

@@ -44,23 +44,6 @@ class Rejected(Exception):
         return {"error": self.code, "detail": self.detail}
 
 
-def query_params(query: str) -> dict[str, str] | None:
-    """The parameters of a raw (still encoded) query string, as `dict(request.query)`
-    gives them from aiohttp (yarl): names in order, the first value of a repeated
-    name, blank values kept, '+' a space; or None when the string has a %-escape,
-    to be decoded by yarl instead. Tests compare with yarl on tricky strings."""
-    # yarl builds a multidict and dict() copies it: three times this loop's cost
-    if "%" in query:
-        return None
-    params: dict[str, str] = {}
-    for pair in query.replace("+", " ").split("&"):
-        if pair:
-            name, _, value = pair.partition("=")
-            if name not in params:
-                params[name] = value
-    return params
-
-
 def clean(text: str) -> str:
     """`text` as valid UTF-8: what cannot be encoded (lone surrogates, from JSON escapes
     or from header bytes that were not UTF-8) becomes U+FFFD."""

@@ -40,7 +40,7 @@ from aiokafka.errors import LeaderNotAvailableError, NotLeaderForPartitionError,
 from aiokafka.structs import TopicPartition
 
 from pipeline.adapters.aiokafka import Batch, Produce, is_closed, is_idempotent
-from pipeline.partitioner import partition
+from pipeline.kafka import partition
 
 LINGER = 0.002  # seconds a small batch waits for more records (see the module docstring)
 FILL = 16  # records that go at once, without waiting

@@ -2,8 +2,9 @@
 
     clicks ────────────┐
     postbacks ─────────┤                                  ┌─► clicks, postbacks,
-    conversions ───────┼─► group "sink" ─► Sink (writer) ─┤   conversions, callbacks
-    callback-attempts ─┘                                  └─► (ClickHouse, FORMAT Avro)
+    conversions ───────┼─► group "sink" ─► Sink (writer) ─┤   conversions, callbacks,
+    callback-attempts ─┤                                  └─► skan_postbacks
+    skan-postbacks ────┘                                      (ClickHouse, FORMAT Avro)
 
 The group is the sink's own: a partner outage or a slow worker never holds up
 the warehouse, nor the warehouse them.
@@ -28,6 +29,7 @@ ROUTES = {
     "postbacks": (codec.POSTBACK, rows.POSTBACKS),
     "conversions": (codec.CONVERSION, rows.CONVERSIONS),
     "callback-attempts": (codec.CALLBACK, rows.CALLBACKS),
+    "skan-postbacks": (codec.SKAN_POSTBACK, rows.SKAN_POSTBACKS),
 }
 
 

@@ -90,6 +90,31 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ],
     ),
     (
+        6,
+        "SKAdNetwork postbacks, and forwards in callbacks",
+        [
+            # every postback a device sent, whatever its outcome; skan_id is the ingress's
+            """CREATE TABLE IF NOT EXISTS {db}.skan_postbacks (
+                skan_id String, received_at DateTime64(3, 'UTC'), source_ip String,
+                version LowCardinality(String), ad_network_id LowCardinality(String),
+                source_identifier String, skan_campaign_id String, app_id String,
+                source_app_id String, source_domain String, transaction_id String,
+                redownload Nullable(Bool), fidelity_type Nullable(Int32),
+                did_win Nullable(Bool), conversion_value Nullable(Int32),
+                coarse_conversion_value LowCardinality(String),
+                postback_sequence_index Nullable(Int32), attribution_signature String,
+                outcome LowCardinality(String), detail String, raw String,
+                event LowCardinality(String), revenue Decimal(18, 6),
+                revenue_reporting Decimal(18, 6), currency LowCardinality(String),
+                campaign_id LowCardinality(String), pub LowCardinality(String)
+            ) ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(received_at) ORDER BY (received_at, skan_id)""",
+            # a forward's attempts: pub '', the advertiser here, conversion_id its skan_id
+            """ALTER TABLE {db}.callbacks
+            ADD COLUMN IF NOT EXISTS advertiser LowCardinality(String) DEFAULT ''""",
+        ],
+    ),
+    (
         20,
         "callback attempts keyed by their attempt_id",
         [

@@ -6,7 +6,9 @@
                             ▼
     txn-check (by advertiser + txn_id) ─► stage 2 handler ─► table `txns` ─► conversions
 
-clicks, postbacks, worker-ticks and txn-check have the same partition count
+    skan-reports (by transaction-id) ─► SKAN handler ─► table `skan` ─► skan-postbacks
+
+clicks, postbacks, worker-ticks, txn-check and skan-reports have the same partition count
 (checked at start-up), so Faust assigns partition p of each to the same worker
 and the tables' changelogs line up with them. Each topic has one batch handler
 (worker.consumer): Faust's consumer hands it the records of one partition per
@@ -37,10 +39,11 @@ from pipeline.adapters.faust import App, TableManager, committed_offset, handlin
 from pipeline.config import Settings
 from pipeline.worker.join import Joiner, txn_key
 from pipeline.worker.outputs import Changelogged, Outputs
+from pipeline.worker.skan import SkanStage
 from pipeline.worker.state import loads
 
 RAW = dict(key_type=bytes, value_type=bytes)
-TABLES = ["state", "txns"]
+TABLES = ["state", "txns", "skan"]
 # The tables' changelogs ("<app id>-<table>-changelog", the app id being topic("worker"))
 # are created with the other topics, before Faust starts. Faust would create them
 # itself, but on Apache Kafka a topic just created can stay missing from Metadata
@@ -51,6 +54,7 @@ TABLES = ["state", "txns"]
 # kafka.ensure_topics creates "-changelog" topics compacted, as Faust does.
 CHANGELOGS = [f"worker-{table}-changelog" for table in TABLES]
 TOPICS = ["clicks", "postbacks", "worker-ticks", "txn-check", "conversions", *CHANGELOGS]
+TOPICS += ["skan-reports", "skan-postbacks"]
 # RocksDB tables (store = "rocksdb://"): Faust's defaults give each partition's
 # database 3 write buffers of 64 MiB and a 2 GiB block cache, so memory grows with
 # the state up to gigabytes. Each partition has its own database: these keep it to
@@ -107,13 +111,13 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     ticks = app.topic(settings.topic("worker-ticks"), **RAW)
     txn_check = app.topic(settings.topic("txn-check"), **RAW)
     conversions = app.topic(settings.topic("conversions"), **RAW)
+    skan_reports = app.topic(settings.topic("skan-reports"), **RAW)
     on_disk = not settings.worker_store.startswith("memory:")
     tables = dict(default=None, partitions=settings.kafka_partitions, **RAW)
     if on_disk:
         tables["options"] = dict(ROCKSDB_OPTIONS)  # Faust's store pops keys from it
-    state = app.Table(TABLES[0], **tables)
-    txns = app.Table(TABLES[1], **tables)
-    for table, changelog in zip((state, txns), CHANGELOGS, strict=True):
+    state, txns, skan = (app.Table(name, **tables) for name in TABLES)
+    for table, changelog in zip((state, txns, skan), CHANGELOGS, strict=True):
         assert table.changelog_topic.get_topic_name() == settings.topic(changelog), changelog
 
     registry = CollectorRegistry()
@@ -129,11 +133,18 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         ["table"],
         registry=registry,
     )
+    skan_outcomes = Counter(
+        "pipeline_worker_skan_postbacks",
+        "SKAdNetwork postbacks evaluated, by outcome",
+        ["outcome"],
+        registry=registry,
+    )
     outputs = app.outputs = Outputs(app, settings.kafka_partitions)
-    views = Changelogged(state, outputs), Changelogged(txns, outputs)
-    keys.labels("state").set_function(lambda: len(views[0]))
-    keys.labels("txns").set_function(lambda: len(views[1]))
+    views = tuple(Changelogged(table, outputs) for table in (state, txns, skan))
+    for name, view in zip(TABLES, views, strict=True):
+        keys.labels(name).set_function(view.__len__)
     conversions_topic, txn_check_topic = conversions.get_topic_name(), txn_check.get_topic_name()
+    skan_postbacks_topic = settings.topic("skan-postbacks")
     encode = codec.CONVERSION.encode
 
     def emit(row: dict) -> None:
@@ -143,6 +154,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     def check_txn(row: dict) -> None:
         outputs.add(txn_check_topic, txn_key(row), encode(row))
 
+    def emit_skan(key: bytes, record: dict) -> None:
+        skan_outcomes.labels(record["outcome"]).inc()
+        outputs.add(skan_postbacks_topic, key, codec.SKAN_POSTBACK.encode(record))
+
     indexes = None
     if on_disk:  # a heap item per key would be most of the memory a disk store saves
         from pipeline.worker.expiry import DiskExpiryIndex  # the rocksdb extra
@@ -150,8 +165,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         data = Path(app.conf.datadir)
         indexes = tuple(DiskExpiryIndex(data / f"expiry-{table}") for table in TABLES)
     joiner = Joiner(
-        settings, *views, emit, check_txn, margin_s=settings.state_margin, indexes=indexes
+        settings,
+        *views[:2],
+        emit,
+        check_txn,
+        margin_s=settings.state_margin,
+        indexes=indexes and indexes[:2],
     )
+    skan_stage = SkanStage(settings, views[2], emit_skan, indexes and indexes[2])
     clicks_seen: dict[int, int] = {}
 
     def clicks_caught_up(partition: int) -> bool:
@@ -190,6 +211,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         with handling(messages[0]):
             joiner.on_tick(partition, now, clicks_caught_up(partition))
             joiner.on_txn_tick(partition, now)
+            skan_stage.on_tick(partition, now)
 
     @app.batch(txn_check)
     def dedup_txn(messages: list[faust.types.Message]) -> None:
@@ -197,6 +219,13 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         with handling(messages[0]):
             for message in messages:
                 joiner.on_txn(partition, decode(message.value))
+
+    @app.batch(skan_reports)
+    def dedup_skan(messages: list[faust.types.Message]) -> None:
+        decode, partition = codec.SKAN_REPORT.decode, messages[0].partition
+        with handling(messages[0]):
+            for message in messages:
+                skan_stage.on_report(partition, decode(message.value), message.key)
 
     @app.timer(settings.tick_interval)
     async def send_ticks():
@@ -219,18 +248,21 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
     @app.on_rebalance_complete.connect
     async def on_restored(app, **kwargs):
         name = ticks.get_topic_name()
-        joiner.prepare({tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name})
+        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name}
+        joiner.prepare(assigned)
+        skan_stage.prepare(assigned)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs):
         partitions = {tp.partition for tp in revoked if tp.topic == ticks.get_topic_name()}
         joiner.forget(partitions)
+        skan_stage.forget(partitions)
         for view in views:
             view.forget(partitions)
         for partition in {tp.partition for tp in revoked}:
             clicks_seen.pop(partition, None)
         # the memory store keeps revoked keys; drop them so memory follows the assignment
-        for table in (state, txns):
+        for table in (state, txns, skan):
             for key in [k for k, v in table.data.items() if loads(v)["p"] in partitions]:
                 del table.data[key]
         # Kafka's eager rebalance revokes *every* partition, also those assigned again
@@ -239,7 +271,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Joiner]:
         # rebalance): the keys dropped above would never come back, and repeats of clicks
         # converted before would count as new conversions. Forget that offset as well, so
         # a partition that comes back is restored from the start of its changelog.
-        for table in (state, txns):
+        for table in (state, txns, skan):
             for partition in partitions:
                 app.tables.recovery.revoke(TP(table.changelog_topic.get_topic_name(), partition))
 

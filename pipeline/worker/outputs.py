@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 
 from faust.types import TP
 
-from pipeline import kafka, partitioner
+from pipeline import kafka
 from pipeline.adapters.faust import aiokafka_producer, current_partition, table_bytes
 
 # record batches sent and not yet acknowledged before the handlers wait for them
@@ -41,7 +41,7 @@ class Outputs:
         """Queue one record; without a partition, the key's (Kafka's default partitioner).
         Returns the partition."""
         if partition is None:
-            partition = partitioner.partition(key, self.partitions)
+            partition = kafka.partition(key, self.partitions)
         records = self.pending.get((topic, partition))
         if records is None:
             records = self.pending[(topic, partition)] = []
