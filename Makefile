@@ -25,6 +25,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not kafka and not clickhouse and not e2e"
 
+# the hostile-input suites: schemathesis + raw-socket fuzzer on Tansu, and the SSRF suite
+test-fuzz: $(STAMP)
+	$(BIN)/pytest -q tests/test_fuzz.py tests/test_ssrf.py
+
+# SIGKILLs of every component and a broker restart under load, on Apache Kafka (needs java;
+# mvn once); prints the duplicate-delivery figure as JSON
+test-faults: $(STAMP)
+	$(BIN)/pytest -q -s tests/test_faults.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench

@@ -440,3 +440,19 @@ def test_retry_topics_rest_between_reads(monkeypatch):
     assert step(1.0) == {retry2}
     consumer.polled[retry1] = int(clock.now * 1000)
     assert step() == {retry1, retry2}
+
+
+def test_seen_skips_a_record_read_again_elsewhere_and_redoes_one_read_again_in_place():
+    from pipeline.callbacks.seen import Seen
+
+    seen = Seen(size=2)
+    assert seen.first(("conversion", "a", "attributed"), ("t", 0, 5))
+    # the worker's replay: the same conversion at a later offset
+    assert not seen.first(("conversion", "a", "attributed"), ("t", 0, 9))
+    # a job dropped by a rebalance and read again at its own offset is done again
+    assert seen.first(("conversion", "a", "attributed"), ("t", 0, 5))
+    # another status of the same conversion (a reversal) is another callback
+    assert seen.first(("conversion", "a", "reversed"), ("t", 0, 11))
+    assert seen.first(("skan", "s1"), ("s", 1, 3))  # bounded: the oldest is forgotten
+    assert len(seen) == 2
+    assert seen.first(("conversion", "a", "attributed"), ("t", 0, 9))
