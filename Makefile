@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-fast lint bench bench-quick migrate simulate clean
+.PHONY: dev test test-fast test-fuzz test-faults lint openapi bench bench-quick migrate simulate clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -25,9 +25,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not kafka and not clickhouse and not e2e"
 
+# the hostile-input suites: schemathesis + raw-socket fuzzer on Tansu, and the SSRF suite
+test-fuzz: $(STAMP)
+	$(BIN)/pytest -q tests/test_fuzz.py tests/test_ssrf.py
+
+# SIGKILLs of every component and a broker restart under load, on Apache Kafka (needs java;
+# mvn once); prints the duplicate-delivery figure as JSON
+test-faults: $(STAMP)
+	$(BIN)/pytest -q -s tests/test_faults.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench
+
+# the ingress serves deploy/openapi.yaml as JSON (PyYAML is a dev dependency only)
+openapi: $(STAMP)
+	$(BIN)/python -c 'import json, yaml; d = yaml.safe_load(open("deploy/openapi.yaml")); open("pipeline/ingress/openapi.json", "w").write(json.dumps(d, indent=1) + "\n")'
 
 simulate: $(STAMP)
 	$(BIN)/pipeline simulate --config deploy/example.toml

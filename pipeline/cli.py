@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = config.load(args.config)
     except config.ConfigError as e:
         _fail(str(e))
+    logs.configure(args.log_level, args.log_format, settings.redaction)
     if args.command not in ("dev", "simulate"):
         overrides = dict(
             kafka=getattr(args, "kafka", None), clickhouse=getattr(args, "clickhouse", None)

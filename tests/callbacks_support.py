@@ -241,6 +241,13 @@ async def read_topic(settings: config.Settings, name: str, c: codec.Codec) -> li
         await consumer.stop()
 
 
+async def attempt_outcomes(settings: config.Settings) -> list[dict]:
+    """The concluded attempt records of `callback-attempts` (each attempt's `sending`
+    record, published before its request, left out)."""
+    records = await read_topic(settings, "callback-attempts", codec.CALLBACK)
+    return [r for r in records if r["outcome"] != "sending"]
+
+
 async def eventually(predicate, timeout: float = 60, interval: float = 0.2, message: str = ""):
     """Await until `predicate()` (sync or async) is truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -118,8 +118,9 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2, message: s
 
 
 @pytest.fixture(scope="session")
-def apache_kafka(tmp_path_factory):
-    """Apache Kafka in KRaft mode from Maven Central jars; skips where java or mvn is missing."""
+def apache_kafka_broker(tmp_path_factory):
+    """Apache Kafka in KRaft mode from Maven Central jars (the `ApacheKafka`, which a test
+    may restart: its log stays on disk); skips where java or mvn is missing."""
     from .apache_kafka import ApacheKafka
 
     reason = ApacheKafka.unavailable_reason()
@@ -127,8 +128,15 @@ def apache_kafka(tmp_path_factory):
         pytest.skip(f"Apache Kafka reference broker unavailable: {reason}")
     broker = ApacheKafka(tmp_path_factory.mktemp("apache-kafka"))
     broker.start()
-    yield broker.bootstrap_servers
+    yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(apache_kafka_broker):
+    """The bootstrap address of the reference broker."""
+    apache_kafka_broker.start()  # running, also after a test restarted it
+    return apache_kafka_broker.bootstrap_servers
 
 
 @pytest.fixture(params=["tansu", "apache-kafka"])

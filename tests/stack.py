@@ -10,26 +10,35 @@ import sys
 from pathlib import Path
 
 import aiohttp
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from pipeline.dev.kafka import die_with_parent
-from pipeline.ingress.app import build_app
+from pipeline.ingress import app as ingress_app
 from pipeline.sink import app as sink_app
 
 from .conftest import wait_until
 
 
 @contextlib.asynccontextmanager
+async def serving(settings):
+    """The ingress as `pipeline ingress` serves it (its runner), on a free loopback
+    port; yields (host, port)."""
+    runner = ingress_app.runner(ingress_app.build_app(settings), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner.addresses[0][:2]
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def ingress(settings):
     """The ingress on a free loopback port; yields an aiohttp session bound to it."""
-    server = TestServer(build_app(settings), host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession(str(server.make_url(""))) as http:
+    async with serving(settings) as (host, port):
+        async with aiohttp.ClientSession(f"http://{host}:{port}") as http:
             yield http
-    finally:
-        await server.close()
 
 
 @contextlib.asynccontextmanager

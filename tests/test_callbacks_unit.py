@@ -500,3 +500,19 @@ def test_status_and_reason_are_empty_for_an_attributed_conversion():
         urlsplit(request.build(publisher(), task, 0).url).query, keep_blank_values=True
     )
     assert query["status"] == [""] and query["reason"] == [""]
+
+
+def test_seen_skips_a_record_read_again_elsewhere_and_redoes_one_read_again_in_place():
+    from pipeline.callbacks.seen import Seen
+
+    seen = Seen(size=2)
+    assert seen.first(("conversion", "a", "attributed"), ("t", 0, 5))
+    # the worker's replay: the same conversion at a later offset
+    assert not seen.first(("conversion", "a", "attributed"), ("t", 0, 9))
+    # a job dropped by a rebalance and read again at its own offset is done again
+    assert seen.first(("conversion", "a", "attributed"), ("t", 0, 5))
+    # another status of the same conversion (a reversal) is another callback
+    assert seen.first(("conversion", "a", "reversed"), ("t", 0, 11))
+    assert seen.first(("skan", "s1"), ("s", 1, 3))  # bounded: the oldest is forgotten
+    assert len(seen) == 2
+    assert seen.first(("conversion", "a", "attributed"), ("t", 0, 9))

@@ -2,8 +2,11 @@
 service has taken it from Kafka.
 
 Each lane runs up to `concurrency` workers; a worker takes the lane's next
-queued job, builds and sends its request, and hands the outcome (the attempt
-row, plus the next retry task or the dead letter) to the outbox. A job that is
+queued job, builds its request, publishes the attempt's `sending` record and
+waits for Kafka's acknowledgement (so a request never leaves without its row,
+whatever happens to the process during it), sends the request, and hands the
+outcome (the attempt row under the same attempt_id, plus the next retry task or
+the dead letter) to the outbox. A job that is
 parked (its lane is stalled) or names an unknown publisher is published the
 same way without a request. `finish(job)` is called only once everything the
 job published is acknowledged by Kafka: the service then marks its offset done.
@@ -113,13 +116,26 @@ class Attempts:
                 job = lane.queue.popleft()
                 req = request.request_of(self.settings, job.task, int(time.time()))
                 try:
-                    attempt = await self.deliverer.send(req, lane.redact(req.url))
+                    url, started = lane.redact(req.url), now_ms()
+                    attempt_id = policy.new_attempt_id(started)
+                    await self._sending(job, policy.sending(job.task, attempt_id, started, url))
+                    attempt = await self.deliverer.send(req, url, attempt_id, started)
                 finally:
                     if lane.release(time.monotonic()):
                         self.wake.set()
                 self._conclude(job, attempt)
         finally:
             lane.workers -= 1
+
+    async def _sending(self, job: Job, record: dict) -> None:
+        """Publish the `sending` record of an attempt; return once Kafka has it."""
+        acked = asyncio.get_running_loop().create_future()
+        self._publish(
+            job,
+            [(self.topics["attempts"], codec.CALLBACK, record)],
+            lambda: acked.done() or acked.set_result(None),
+        )
+        await acked
 
     def _conclude(self, job: Job, attempt: policy.Attempt) -> None:
         """Publish the outcome of an attempt (attempt row, next retry or dead letter)."""

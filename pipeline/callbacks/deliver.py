@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 class GuardedResolver(AbstractResolver):
     """A resolver that refuses (raises `ssrf.Blocked`) names with a forbidden address."""
 
-    def __init__(self) -> None:
-        self._inner = ThreadedResolver()
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -69,15 +69,21 @@ def classify_error(exc: BaseException, timeout: float) -> tuple[str, str]:
 class Deliverer:
     """Sends requests; `send` never raises for what a publisher or network does."""
 
-    def __init__(self, timeout: float, allow_private_networks: bool):
+    def __init__(
+        self,
+        timeout: float,
+        allow_private_networks: bool,
+        resolver: AbstractResolver | None = None,  # the system's (threaded) by default
+    ):
         self.timeout = timeout
+        self.resolver = resolver
         self.client_timeout = aiohttp.ClientTimeout(total=timeout)
         self.allow_private = allow_private_networks
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            resolver=None if self.allow_private else GuardedResolver(),
+            resolver=self.resolver if self.allow_private else GuardedResolver(self.resolver),
             limit=0,  # concurrency is bounded per publisher by the service
             ttl_dns_cache=10,  # only checked answers are ever cached
         )
@@ -92,9 +98,19 @@ class Deliverer:
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, request: Request, logged_url: str) -> policy.Attempt:
-        """One attempt: at most `timeout` seconds from connect to status line."""
-        started_ms, t0 = int(time.time() * 1000), time.monotonic()
+    async def send(
+        self,
+        request: Request,
+        logged_url: str,
+        attempt_id: str = "",
+        started_ms: int | None = None,
+    ) -> policy.Attempt:
+        """One attempt: at most `timeout` seconds from connect to status line.
+        `attempt_id` and `started_ms` (default: now) are the attempt's, as its
+        `sending` record gave them."""
+        t0 = time.monotonic()
+        if started_ms is None:
+            started_ms = int(time.time() * 1000)
         status: int | None = None
         try:
             url = URL(request.url, encoded=True)
@@ -117,7 +133,7 @@ class Deliverer:
         except Exception as e:  # noqa: BLE001 - every failure is this attempt's outcome
             kind, error = classify_error(e, self.timeout)
         duration_ms = round((time.monotonic() - t0) * 1000)
-        return policy.Attempt(kind, status, error, started_ms, duration_ms, logged_url)
+        return policy.Attempt(kind, status, error, started_ms, duration_ms, logged_url, attempt_id)
 
 
 def _check_literal(host: str) -> None:

@@ -39,6 +39,12 @@ class CallbackMetrics:
             ["pub"],
             registry=self.registry,
         )
+        self.repeats = Counter(
+            "pipeline_callbacks_repeats",
+            "Records skipped: a worker's replay of a conversion or SKAdNetwork postback "
+            "whose callback this process already took",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "pipeline_callbacks_in_flight",
             "Messages read and not finished (waiting for or queued in a publisher lane, in a "

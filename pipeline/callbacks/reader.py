@@ -3,11 +3,15 @@
 Checkpoint order, per message: make the attempt; publish its outcome (attempt
 row, plus the next retry task or the dead letter; acks=all); only then mark the
 offset finished (`attempts.Attempts` makes and publishes them, `outbox.Outbox`
-batches the outcomes of many messages). Offsets are committed every half second
-up to the lowest unfinished offset of each partition (`offsets.Tracker`), so a
-crash redoes unfinished messages and loses none: at-least-once, with the
-conversion ID as Idempotency-Key on every attempt. A commit runs beside the
-reads, one at a time; stopping waits for it before the last one.
+batches the outcomes of many messages). Offsets are committed up to the lowest
+unfinished offset of each partition (`offsets.Tracker`), so a crash redoes
+unfinished messages and loses none: at-least-once, with the conversion ID as
+Idempotency-Key on every attempt. A commit starts as soon as outcomes are
+acknowledged and the commit before it has landed (and every COMMIT_INTERVAL for
+messages that needed no work): what a crash makes the service do again (and a
+publisher receive twice) is what finished during one commit's round trip, plus
+the requests in flight. A commit runs beside the reads, one at a time; stopping
+waits for it before the last one.
 
 Durable retries: retry n of every callback goes to `callbacks-retry-<n>`, all
 with the same delay, so within a partition `not_before_ms` grows with the
@@ -50,6 +54,7 @@ from pipeline.callbacks.attempts import Attempts, now_ms
 from pipeline.callbacks.lanes import Job, Lane
 from pipeline.callbacks.metrics import CallbackMetrics
 from pipeline.callbacks.offsets import Tracker
+from pipeline.callbacks.seen import Seen
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -59,7 +64,7 @@ from pipeline.core import callback as tasks
 
 log = logging.getLogger(__name__)
 
-COMMIT_INTERVAL = 0.5
+COMMIT_INTERVAL = 0.5  # seconds between commits when nothing finishes (skipped messages)
 HOLD = 1.0  # seconds a partition may wait for a full lane (see the module docstring)
 HELD_POLL_MS = 20  # how often partitions waiting for a lane are looked at again
 RETRY_REST_MOST = 1.0  # seconds the retry topics rest between reads, at most
@@ -110,6 +115,7 @@ class CallbackService:
         self.window, self.hold = window, hold
         self.metrics = CallbackMetrics()
         self.conversions = settings.topic(topics.conversions)
+        self.seen = Seen()  # records already taken: a worker's replay is skipped
         self.skan_postbacks = settings.topic(topics.skan_postbacks)
         self.adjustments = settings.topic(topics.adjustments)
         # the rest: retry topics
@@ -127,7 +133,10 @@ class CallbackService:
         self.rested_from = time.monotonic()  # when they last began to rest
         self.retries_brought = False  # records of a retry topic during this read
         self.in_flight = 0
-        self.committing: asyncio.Task | None = None  # the periodic commit in flight
+        self.committing: asyncio.Task | None = None  # the commit in flight
+        self.commit_again = False  # something finished while it was in flight
+        self.commit_failure: BaseException | None = None  # what a commit raised (a bug)
+        self.stopping = False
         self.attempts = Attempts(
             settings,
             self.metrics,
@@ -159,6 +168,7 @@ class CallbackService:
         for lane in self.lanes.values():
             self._dropped(lane.drop(lambda _: False))
         await self.attempts.stop(timeout=self.settings.callback_timeout + 5)
+        self.stopping = True  # the last commit is the one below
         if self.consumer is not None:
             if self.committing is not None:  # let it land first: commits go in order
                 await asyncio.gather(self.committing, return_exceptions=True)
@@ -201,22 +211,34 @@ class CallbackService:
                 self.backlogged += len(messages)
             self._drain()
             self.metrics.in_flight.set(self.in_flight + self.backlogged)
-            if time.monotonic() - last_commit >= COMMIT_INTERVAL and self._commit_settled():
-                # beside the reads: awaited here, the broker's answer would hold up
-                # every record fetched meanwhile
-                self.committing = asyncio.create_task(self.commit())
+            if self.commit_failure is not None:
+                raise self.commit_failure
+            if time.monotonic() - last_commit >= COMMIT_INTERVAL:
+                self._commit_soon()
                 last_commit = time.monotonic()
 
-    def _commit_settled(self) -> bool:
-        """Whether no offset commit is in flight; raises what the last one raised
-        (a bug: `commit` handles Kafka's errors)."""
-        task = self.committing
-        if task is not None:
-            if not task.done():
-                return False
-            self.committing = None
-            task.result()
-        return True
+    def _commit_soon(self) -> None:
+        """Commit what is finished now, or once the commit in flight has landed.
+        Beside the reads: awaited in the loop, the broker's answer would hold up
+        every record fetched meanwhile."""
+        if self.stopping or self.consumer is None:
+            return
+        if self.committing is not None and not self.committing.done():
+            self.commit_again = True
+            return
+        self.commit_again = False
+        self.committing = asyncio.create_task(self.commit())
+        self.committing.add_done_callback(self._committed)
+
+    def _committed(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:  # a bug: `commit` handles Kafka's errors
+            self.commit_failure = self.commit_failure or task.exception()
+            self.wake.set()
+            return
+        if self.commit_again:
+            self._commit_soon()
 
     def _drain(self) -> None:
         """Start what was read, in order per partition, until a head must wait."""
@@ -356,6 +378,9 @@ class CallbackService:
                         )
                     tracker.skip(message.offset)
                     return None
+                key = ("conversion", conversion["conversion_id"], conversion["status"])
+                if self._repeat(key, tp, message.offset, tracker):
+                    return None
                 return tasks.from_conversion(conversion)
             if tp.topic == self.skan_postbacks:
                 record = codec.SKAN_POSTBACK.decode(message.value)
@@ -363,11 +388,16 @@ class CallbackService:
                 if advertiser is None:
                     tracker.skip(message.offset)
                     return None
+                if self._repeat(("skan", record["skan_id"]), tp, message.offset, tracker):
+                    return None
                 return tasks.from_skan(record, advertiser.id)
             if tp.topic == self.adjustments:
                 adjustment = ADJUSTMENT_READER.decode(message.value)
                 if not tasks.wants_reversal_callback(adjustment, self.settings.publishers):
                     tracker.skip(message.offset)
+                    return None
+                key = ("adjustment", adjustment["adjustment_id"])
+                if self._repeat(key, tp, message.offset, tracker):
                     return None
                 return tasks.from_adjustment(adjustment)
             return TASK_READER.decode(message.value)
@@ -376,12 +406,21 @@ class CallbackService:
             tracker.skip(message.offset)
             return None
 
+    def _repeat(self, key: tuple, tp: TopicPartition, offset: int, tracker: Tracker) -> bool:
+        """Whether the record is a worker's replay of one taken before (then skipped)."""
+        if self.seen.first(key, (tp.topic, tp.partition, offset)):
+            return False
+        self.metrics.repeats.inc()
+        tracker.skip(offset)  # its callback was taken already
+        return True
+
     def _finish(self, job: Job) -> None:
         """The outcome of `job` is durable: its offset may be committed."""
         job.tracker.finish(job.offset)
         self.in_flight -= 1
         if self.in_flight + self.backlogged == self.window - 1:
             self.wake.set()  # the window has room again
+        self._commit_soon()
 
     def _dropped(self, jobs: list[Job]) -> None:
         """Queued jobs dropped before their request: their offsets stay unfinished

@@ -6,7 +6,9 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
+from urllib.parse import urlsplit
 
+from pipeline.core.secrets import Secrets, TokenIndex
 from pipeline.core.skan_config import SkanConfig
 
 
@@ -84,6 +86,22 @@ class Settings:
     @cached_property
     def advertisers_by_token(self) -> dict[str, Advertiser]:
         return {a.token: a for a in self.advertisers.values()}
+
+    @cached_property
+    def token_index(self) -> TokenIndex:
+        """Advertisers by token, looked up in constant time (core.secrets)."""
+        return TokenIndex(self.advertisers_by_token)
+
+    @cached_property
+    def redaction(self) -> Secrets:
+        """Every secret value of this config, hidden wherever it would be stored or logged."""
+        values = [*self.secrets, *(a.token for a in self.advertisers.values())]
+        values += [p.signing_secret for p in self.publishers.values() if p.signing_secret]
+        values += [p.signing_secret.removeprefix("whsec_") for p in self.publishers.values()]
+        password = urlsplit(self.clickhouse_url).password if "://" in self.clickhouse_url else None
+        if password:
+            values.append(password)
+        return Secrets(values)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

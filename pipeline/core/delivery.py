@@ -8,14 +8,20 @@
 |                                             |           | lasts, then `failed`, dead   |
 | address refused by the SSRF guard           | blocked   | `blocked`, dead-lettered     |
 
-Attempt numbers keep counting across dead-letter replays, so (pub,
-conversion_id, attempt) names one attempt for good (a SKAdNetwork forward has
-pub "", its advertiser, and its skan_id as conversion_id) and a replayed Kafka message
-rewrites the same row instead of adding one.
+Every HTTP request has its own `attempt_id`, drawn when it is made: a request
+made again after a crash (the same attempt number: its outcome was never
+published) is a row of its own, never a replacement of the first. Before the
+request leaves, its `sending` record is published (`sending`); its outcome
+record (`step`) carries the same attempt_id and replaces it in the table, so an
+attempt whose outcome the service never published still has its row.
+Attempt numbers keep counting across dead-letter replays. A SKAdNetwork
+forward has pub "", its advertiser, and its skan_id as conversion_id.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -33,6 +39,31 @@ class Attempt(NamedTuple):  # a tuple: built once per attempt, cheaper than a da
     started_ms: int
     duration_ms: int
     url: str  # redacted
+    attempt_id: str = ""  # new_attempt_id() of the request; "" for none made
+
+
+def new_attempt_id(now_ms: int | None = None) -> str:
+    """32 hex characters, time-ordered: 12 of milliseconds, 20 random."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return f"{ms:012x}{os.urandom(10).hex()}"
+
+
+def sending(task: Mapping, attempt_id: str, started_ms: int, url: str) -> dict:
+    """The record of a request about to leave (schemas/callback.avsc, outcome
+    `sending`): acknowledged before the request, replaced by its outcome."""
+    return {
+        "attempt_id": attempt_id,
+        "conversion_id": task["conversion_id"],
+        "pub": task["pub"],
+        "advertiser": task.get("advertiser", ""),
+        "attempt": task["attempt"],
+        "ts_ms": started_ms,
+        "url": url,
+        "status_code": None,
+        "duration_ms": 0,
+        "outcome": "sending",
+        "error": "",
+    }
 
 
 class Step(NamedTuple):
@@ -75,6 +106,7 @@ def step(task: Mapping, attempt: Attempt, schedule: Sequence[float], now_ms: int
             error = f"{error}; gave up after {task['retry']} retries"
         dead = _following(task, attempt, outcome, error)
     record = {
+        "attempt_id": attempt.attempt_id or new_attempt_id(now_ms),
         "conversion_id": callback_id(task),
         "pub": task["pub"],
         "advertiser": task.get("advertiser", ""),

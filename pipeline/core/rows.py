@@ -111,6 +111,7 @@ CONVERSIONS = Table(
 CALLBACKS = Table(
     "callbacks",
     (
+        "attempt_id",
         "conversion_id",
         "pub",
         "attempt",

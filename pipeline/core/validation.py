@@ -15,16 +15,19 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from pipeline.config import CURRENCY_RE, EVENT_RE, Campaign, Settings
 from pipeline.core import clickid
+from pipeline.core.secrets import MASK, NONE, Secrets, secret_name
 
 MAX_SUB_LEN = 256
 MAX_TXN_LEN = 128
 MAX_REVENUE = Decimal("999999999999")  # Decimal(18, 6) holds 12 integer digits
 REVENUE_EXP = Decimal("0.000001")
-REDACTED_PARAMS = frozenset({"token"})
+# plain ASCII decimals only: no sign, exponent, underscore, space or non-ASCII digit
+# (all of which Decimal() accepts); a JSON number arrives as its JSON text
+REVENUE_RE = re.compile(r"[0-9]+(\.[0-9]{1,6})?", re.ASCII)
 SUB_PARAMS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 POSTBACK_PARAMS = (
     "token",
@@ -176,29 +179,38 @@ _RAW_JSON = json.JSONEncoder(ensure_ascii=False).encode
 _JSON_STR = json.encoder.encode_basestring
 
 
-def redacted_raw(method: str, path: str, params: Mapping[str, object]) -> str:
-    """The request as JSON for the log, with secrets replaced by ***."""
+def redacted_raw(
+    method: str, path: str, params: Mapping[str, object], secrets: Secrets = NONE
+) -> str:
+    """The request as JSON for the log: credential-like parameters shown as ***, and
+    every configured secret hidden wherever it appears (core.secrets)."""
     # a request's parameters are strings: their JSON is written here, the text the
     # encoder would write (a test compares), at a third of its cost; others go to it
     fields = []
     for name, value in params.items():
         if type(value) is not str or type(name) is not str:
-            return _redacted_raw_encoded(method, path, params)
-        if name in REDACTED_PARAMS:
-            value = "***"
+            return _redacted_raw_encoded(method, path, params, secrets)
+        if _secret_name(name):
+            value = MASK
         fields.append(f"{_JSON_STR(name)}: {_JSON_STR(value)}")
     params_text = ", ".join(fields)
-    return clean(
-        f'{{"method": {_JSON_STR(method)}, "path": {_JSON_STR(path)}, "params": {{{params_text}}}}}'
-    )
+    head = f'{{"method": {_JSON_STR(method)}, "path": {_JSON_STR(path)}'
+    text = f'{head}, "params": {{{params_text}}}}}'
+    return clean(secrets.hide(text))
 
 
-def _redacted_raw_encoded(method: str, path: str, params: Mapping[str, object]) -> str:
+# the names a deployment's advertisers send are few: each is matched once
+_secret_name = functools.lru_cache(maxsize=1024)(secret_name)
+
+
+def _redacted_raw_encoded(
+    method: str, path: str, params: Mapping[str, object], secrets: Secrets
+) -> str:
     shown = dict(params)  # same order; a redacted value keeps its place
-    for name in REDACTED_PARAMS:
-        if name in shown:
-            shown[name] = "***"
-    return clean(_RAW_JSON({"method": method, "path": path, "params": shown}))
+    for name in shown:
+        if isinstance(name, str) and _secret_name(name):
+            shown[name] = MASK
+    return clean(secrets.hide(_RAW_JSON({"method": method, "path": path, "params": shown})))
 
 
 def postback_record(
@@ -235,12 +247,25 @@ def postback_record(
         "status": "",
         "conversion_id": None,
     }
+    rejection = None
     try:
         _check_postback(settings, params, source_ip, record, now)
-    except Rejected as rejection:
-        record["outcome"], record["detail"] = rejection.code, rejection.detail
-        return record, rejection
-    return record, None
+    except Rejected as e:
+        rejection = e
+        record["outcome"], record["detail"] = e.code, e.detail
+    secrets = settings.redaction
+    if secrets:
+        # a secret sent in any field (a token as txn_id, in a parameter's name) is
+        # stored and answered as ***
+        for name in _SHOWN_FIELDS:
+            if record[name]:
+                record[name] = secrets.hide(record[name])
+        if rejection is not None and record["detail"] != rejection.detail:
+            rejection = Rejected(rejection.status, rejection.code, record["detail"])
+    return record, rejection
+
+
+_SHOWN_FIELDS = ("click_id", "event", "txn_id", "detail")
 
 
 def _check_postback(settings, params, source_ip, record, now) -> None:
@@ -252,7 +277,7 @@ def _check_postback(settings, params, source_ip, record, now) -> None:
     token = params.get("token")
     if not token:
         raise Rejected(400, "missing_param", "token is required")
-    advertiser = settings.advertisers_by_token.get(token)
+    advertiser = settings.token_index.get(token)
     if advertiser is None:
         raise Rejected(401, "bad_token", "token matches no advertiser")
     record["advertiser"] = advertiser.id
@@ -333,12 +358,13 @@ def record_key(record: dict) -> bytes:
 
 
 def _revenue(text: str) -> Decimal:
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise Rejected(400, "invalid_param", "revenue must be a decimal number") from None
-    if not value.is_finite() or value < 0 or value > MAX_REVENUE:
+    if not REVENUE_RE.fullmatch(text):
+        raise Rejected(
+            400,
+            "invalid_param",
+            "revenue must be a plain decimal like 19.99 (ASCII digits, at most 6 decimals)",
+        )
+    value = Decimal(text)
+    if value > MAX_REVENUE:
         raise Rejected(400, "invalid_param", f"revenue must be between 0 and {MAX_REVENUE}")
-    if value != value.quantize(REVENUE_EXP):
-        raise Rejected(400, "invalid_param", "revenue has more than 6 decimal places")
     return value.quantize(REVENUE_EXP)

@@ -6,6 +6,7 @@
     POST /.well-known/skadnetwork/report-attribution/
                                ─► skan-reports (key transaction-id) ─► 200 | 400 | 413 | 503
     GET  /healthz /readyz /metrics
+    GET  /openapi.json         deploy/openapi.yaml, as JSON
 
 Answers only after Kafka acknowledged the event (acks=all). Every postback
 request, accepted or not, is published to the postbacks topic with its outcome
@@ -18,17 +19,22 @@ Validation is `core.validation`; records are batched into produce requests by `b
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import codec, kafka, runtime
+from pipeline.adapters.aiohttp import BadRequest, Runner
 from pipeline.config import Settings
 from pipeline.core import macros, skan, validation
 from pipeline.core.validation import Rejected
@@ -48,6 +54,7 @@ METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
 SKAN_SPOOL = web.AppKey("skan_spool", Spool)
 DEV_STATUS = web.AppKey("dev_status", str)
+OPENAPI_JSON = web.AppKey("openapi_json", bytes)
 
 
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -114,7 +121,9 @@ async def click(request: web.Request) -> web.Response:
 
 
 async def _body_params(request: web.Request) -> dict:
-    """The parameters of a POST body (form or JSON), read whole; {} for GET."""
+    """The parameters of a POST body, read whole; {} for GET. A form
+    (application/x-www-form-urlencoded) is a form; application/json, or a body of
+    another type that starts with `{` (JSON sent as text/plain), is JSON."""
     if request.method != "POST" or not request.can_read_body:
         return {}
     try:
@@ -123,29 +132,30 @@ async def _body_params(request: web.Request) -> dict:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise Rejected(413, "too_large", f"body is over {MAX_BODY} bytes") from None
-    if request.content_type == "application/json":
+    except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError) as e:
+        # framing broken mid-body (bad chunk sizes, fewer bytes than Content-Length)
+        raise Rejected(
+            400, "invalid_request", f"the body could not be read ({type(e).__name__})"
+        ) from None
+    content_type = request.content_type
+    if content_type == "application/json" or (
+        content_type != "application/x-www-form-urlencoded" and body.lstrip()[:1] == b"{"
+    ):
         try:
-            data = json.loads(body or b"{}")
+            # numbers as their JSON text: revenue keeps its exact decimal, and `1E+2`
+            # or `-0` stay what they are (rejected) instead of becoming 100.0 or 0
+            data = json.loads(body or b"{}", parse_float=str, parse_int=str)
         except (ValueError, RecursionError):
             raise Rejected(400, "invalid_param", "body is not valid JSON") from None
         if not isinstance(data, dict):
             raise Rejected(400, "invalid_param", "JSON body must be an object")
-        # numbers are accepted as their JSON text, so revenue keeps its exact decimal
-        return {k: _json_text(v) for k, v in data.items()}
+        return data
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-
-
-def _json_text(value: object) -> object:
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    return value
 
 
 async def postback(request: web.Request) -> web.Response:
     app = request.app
-    settings, metrics = app[SETTINGS], app[METRICS]
+    settings = app[SETTINGS]
     source_ip = _client_ip(request)
     params = _query(request)
     try:
@@ -153,10 +163,16 @@ async def postback(request: web.Request) -> web.Response:
         early = None
     except Rejected as rejection:
         early = rejection  # recorded with the query's parameters
-    raw = validation.redacted_raw(request.method, request.path, params)
+    raw = validation.redacted_raw(request.method, request.path, params, settings.redaction)
     record, rejection = validation.postback_record(settings, params, source_ip, raw)
     if early is not None:
         record["outcome"], record["detail"], rejection = early.code, early.detail, early
+    return await _logged(app, record, rejection)
+
+
+async def _logged(app: web.Application, record: dict, rejection: Rejected | None) -> web.Response:
+    """Publish the postback's record (spooled when Kafka refuses it); the answer."""
+    metrics = app[METRICS]
     key, value = validation.record_key(record), codec.POSTBACK.encode(record)
     try:
         await publish(app, "postbacks", key, value)
@@ -177,6 +193,30 @@ async def postback(request: web.Request) -> web.Response:
         body=f'{{"status": "accepted", "postback_id": "{record["postback_id"]}"}}'.encode(),
         headers=_JSON_HEADERS,
     )
+
+
+async def bad_request(app: web.Application, bad: BadRequest) -> web.Response:
+    """A request aiohttp's parser refused (adapters.aiohttp): a JSON 400, and for
+    /postback a row with outcome `invalid_request` and what its request line held."""
+    settings = app[SETTINGS]
+    rejection = Rejected(bad.status, "invalid_request", f"not a valid HTTP request: {bad.reason}")
+    try:
+        parts = urlsplit(bad.target)
+    except ValueError:
+        parts = urlsplit("")
+    if parts.path != "/postback":
+        app[METRICS].requests.labels("other", rejection.code).inc()
+        return error(rejection)
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    raw = validation.redacted_raw(bad.method, parts.path, params, settings.redaction)
+    record, _ = validation.postback_record(settings, params, bad.remote, raw)
+    record["outcome"], record["detail"] = rejection.code, rejection.detail
+    return await _logged(app, record, rejection)
+
+
+async def not_found(request: web.Request) -> web.Response:
+    """Any other path or method: the JSON error body, as for every error."""
+    return error(Rejected(404, "not_found", f"no route {request.method} {request.path}"))
 
 
 async def skan_report(request: web.Request) -> web.Response:
@@ -246,6 +286,14 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# deploy/openapi.yaml as JSON (`make openapi`; tests/test_openapi.py checks they agree)
+OPENAPI = importlib.resources.files("pipeline.ingress").joinpath("openapi.json")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_JSON], headers=_JSON_HEADERS)
+
+
 async def _spool_drainer(app: web.Application) -> None:
     """Every few seconds, republish spooled records once Kafka takes them again."""
     spools = {"postbacks": app[SPOOL], "skan-reports": app[SKAN_SPOOL]}
@@ -294,6 +342,7 @@ def build_app(settings: Settings, dev_status: str = "") -> web.Application:
     app[SETTINGS] = settings
     app[DEV_STATUS] = dev_status or ""
     app[METRICS] = IngressMetrics()
+    app[OPENAPI_JSON] = OPENAPI.read_bytes()
     port = settings.ingress_listen.rpartition(":")[2]
     app[SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.spool")
     app[SKAN_SPOOL] = Spool(Path(settings.spool_dir) / f"ingress-{port}.skan.spool")
@@ -305,21 +354,29 @@ def build_app(settings: Settings, dev_status: str = "") -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_route("*", "/{path:.*}", not_found)  # last: what no route above takes
     return app
+
+
+def runner(app: web.Application, **kwargs) -> Runner:
+    """The runner that serves `app`: requests aiohttp's parser refuses are answered by
+    `bad_request`, handler exceptions with a JSON 500."""
+    return Runner(app, partial(bad_request, app), **kwargs)
 
 
 async def run(settings: Settings, dev_status: str | None = None) -> None:
     """Serve on `ingress.listen` until SIGINT or SIGTERM."""
-    runner = web.AppRunner(build_app(settings, dev_status or ""), access_log=None)
-    await runner.setup()
+    runner_ = runner(build_app(settings, dev_status or ""), access_log=None)
+    await runner_.setup()
     host, _, port = settings.ingress_listen.rpartition(":")
-    await web.TCPSite(runner, host, int(port), backlog=1024).start()
+    await web.TCPSite(runner_, host, int(port), backlog=1024).start()
     runtime.settle_heap()
     log.info("ingress listening on http://%s", settings.ingress_listen)
     try:
         await runtime.until_signal()
     finally:
-        await runner.cleanup()
+        await runner_.cleanup()
 
 
 def serve(settings: Settings, dev_status: str | None = None) -> None:

@@ -133,6 +133,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             ADD COLUMN IF NOT EXISTS advertiser LowCardinality(String) DEFAULT ''""",
         ],
     ),
+    (
+        20,
+        "callback attempts keyed by their attempt_id",
+        [
+            # each HTTP request is a row: a request made again after a crash has the same
+            # attempt number and its own attempt_id (a new column may end the sorting key)
+            """ALTER TABLE {db}.callbacks
+                ADD COLUMN IF NOT EXISTS attempt_id String FIRST,
+                MODIFY ORDER BY (pub, conversion_id, attempt, attempt_id)""",
+        ],
+    ),
 ]
 
 
