@@ -102,7 +102,7 @@ async def test_reversal_callbacks_retry_dead_letter_and_log_every_attempt(tansu,
                 ).result_rows
 
             await eventually(
-                lambda: len(server.delivered("flaky")) == 2 and len(server.requests["hook"]) >= 2,
+                lambda: len(server.delivered("flaky")) == 2 and len(server.requests["hook"]) >= 1,
                 60,
                 0.3,
                 "reversal callbacks delivered",
@@ -126,8 +126,8 @@ async def test_reversal_callbacks_retry_dead_letter_and_log_every_attempt(tansu,
         assert query["conversion_id"] == a["conversion_id"] and query["event"] == "purchase"
         assert (query["revenue"], query["payout"]) == ("-14.99", "-2.998")
     assert server.requests["ok"] == [] and server.requests["nobody"] == []
-    # the replayed adjustment is the same callback: the same key and signature id
-    assert server.keys("hook") == [signed["adjustment_id"]] * 2
+    # the worker's replay of an adjustment (the same one at a later offset) is skipped
+    assert server.keys("hook") == [signed["adjustment_id"]]
     hook = server.requests["hook"][0]
     assert hook.signature_ok and hook.headers["webhook-id"] == signed["adjustment_id"]
     body = json.loads(hook.body)

@@ -53,7 +53,7 @@ def sending(task: Mapping, attempt_id: str, started_ms: int, url: str) -> dict:
     `sending`): acknowledged before the request, replaced by its outcome."""
     return {
         "attempt_id": attempt_id,
-        "conversion_id": task["conversion_id"],
+        "conversion_id": callback_id(task),
         "pub": task["pub"],
         "advertiser": task.get("advertiser", ""),
         "attempt": task["attempt"],

@@ -215,7 +215,17 @@ async def bad_request(app: web.Application, bad: BadRequest) -> web.Response:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    """Any other path or method: the JSON error body, as for every error."""
+    """Any other path: 404; a known path with another method: 405 with `Allow`. The
+    JSON error body, as for every error."""
+    for resource in request.app.router.resources():
+        if resource.canonical == "/{path}":
+            continue  # this catch-all
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed:
+            detail = f"{request.method} is not allowed on {request.path}"
+            response = error(Rejected(405, "method_not_allowed", detail))
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+            return response
     return error(Rejected(404, "not_found", f"no route {request.method} {request.path}"))
 
 
