@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from pipeline.config import Settings
+from pipeline.core import rows
 from pipeline.core.attribution import SUBS, ZERO, money
 
 REVERSAL, REFUND = "reversal", "refund"
@@ -39,27 +40,7 @@ OUTCOMES = (APPLIED, UNKNOWN_CONVERSION, NOT_ATTRIBUTED, ALREADY_REVERSED, EXCEE
 AMOUNTS = ("revenue", "payout", "revenue_reporting", "payout_reporting")
 DELTAS = ("revenue_delta", "payout_delta", "revenue_delta_reporting", "payout_delta_reporting")
 # the fields of a conversion row (schemas/conversion.avsc), in order
-CONVERSION_FIELDS = (
-    "conversion_id",
-    "postback_id",
-    "click_id",
-    "campaign_id",
-    "advertiser",
-    "pub",
-    *SUBS,
-    "event",
-    "txn_id",
-    "status",
-    "detail",
-    "revenue",
-    "payout",
-    "currency",
-    "revenue_reporting",
-    "payout_reporting",
-    "click_ts_ms",
-    "conversion_ts_ms",
-    "ctit_seconds",
-)
+CONVERSION_FIELDS = tuple(rows.CONVERSIONS.field_of(c) for c in rows.CONVERSIONS.columns)
 # what the ledger keeps of a conversion that was not attributed: enough to say so
 MARKER_FIELDS = (
     "conversion_id",
